@@ -1,0 +1,42 @@
+# Two commands matter (README "Quick start"): `make demo` and `make test`.
+# Both install on first use and reuse the environment afterwards.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU torch wheel lies on local disk here. Elsewhere override, e.g. TORCH_SPEC=torch==2.14.1.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= all
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench quality lint clean
+
+install: $(STAMP)
+
+# Re-runs only when the dependency declaration or this file changes.
+$(STAMP): pyproject.toml Makefile scripts/install_data.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	bash scripts/install_data.sh $(PY)
+	touch $@
+
+demo: install
+	$(PY) train.py
+
+test: install
+	bash scripts/run_tests.sh $(PY)
+
+# Benchmarks at every shape, production ones included (slow on CPU).
+bench: install
+	$(PY) -m pytest bench --benchmark-enable --benchmark-only -m "" \
+		--benchmark-json=bench/results/latest.json
+
+quality: install
+	$(PY) bench/quality.py
+
+lint: install
+	$(PY) -m pip install -q ruff && $(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) runs .benchmarks
