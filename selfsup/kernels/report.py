@@ -153,6 +153,27 @@ def run(archs: tuple[int, ...], modules: list[str], only: list[str] | None,
         return list(pool.map(compile_one, tasks))
 
 
+def unregistered_kernels(package: str = "selfsup.kernels") -> list[str]:
+    """Names of @triton.jit functions defined in `package` (or module) missing from REGISTRY."""
+    import pkgutil
+
+    from ._registry import REGISTRY, is_jit_function, kernel_name
+
+    root = importlib.import_module(package)
+    modules = [root]
+    if hasattr(root, "__path__"):
+        for info in pkgutil.walk_packages(root.__path__, prefix=package + "."):
+            if info.name.rsplit(".", 1)[-1] != "__main__":
+                modules.append(importlib.import_module(info.name))
+    missing = set()
+    for mod in modules:
+        for obj in vars(mod).values():
+            if is_jit_function(obj) and kernel_name(obj).startswith(mod.__name__):
+                if kernel_name(obj) not in REGISTRY:
+                    missing.add(kernel_name(obj))
+    return sorted(missing)
+
+
 def to_markdown(rows: list[dict], triton_version: str) -> str:
     head = (f"# Static resource report (triton {triton_version})\n\n"
             "Compiled ahead of time with no GPU: `python -m selfsup.kernels.report`. "
