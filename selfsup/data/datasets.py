@@ -13,6 +13,7 @@ Nothing is downloaded. Every error names the path it is about.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import importlib.util
 import json
@@ -275,3 +276,17 @@ def load_dataset(spec: str | os.PathLike, split: str = "train") -> ArrayDataset 
         if (root / sub).is_dir():
             return ImageFolder(str(root / sub))
     raise DatasetError(f"no {split!r} split under {root}: expected {root}/test or {root}/val")
+
+
+def subset(dataset: ArrayDataset | ImageFolder, n: int, seed: int = 0
+           ) -> ArrayDataset | ImageFolder:
+    """A random subset of `n` items (all of them when n <= 0 or n >= len), fixed by `seed`."""
+    if n <= 0 or n >= len(dataset):
+        return dataset
+    idx = np.sort(np.random.default_rng(seed).choice(len(dataset), n, replace=False))
+    if isinstance(dataset, ArrayDataset):
+        return ArrayDataset(dataset.images[idx], dataset.labels[idx], dataset.classes,
+                            f"{dataset.name}[{n}]", dataset.source)
+    out = copy.copy(dataset)
+    out.samples = [dataset.samples[i] for i in idx]
+    return out

@@ -1,5 +1,26 @@
-"""Self-supervised methods, one file each, listed in METHODS (name -> constructor).
+"""Self-supervised methods, one file each, listed in METHODS (name -> class).
+
+Every class follows the contract in common.py (ARCHITECTURE.md): ``recipe``, ``preset(arch)``,
+``forward(views) -> {"loss", **logs}``, ``param_groups(cfg)``, ``on_step_end(step, total)``,
+``encoder()``. The trainer never branches on the method's name.
 
 Never run a file of this folder as a script: that would put the folder on sys.path and shadow
 the standard library's `ssl`.
 """
+
+from .byol import BYOL
+from .moco import MoCo, MoCoV1
+from .mocov3 import MoCoV3
+from .simclr import SimCLR
+from .simsiam import SimSiam
+
+METHODS = {
+    "mocov1": MoCoV1,
+    "mocov2": MoCo,
+    "mocov3": MoCoV3,
+    "simsiam": SimSiam,
+    "byol": BYOL,
+    "simclr": SimCLR,
+}
+
+__all__ = ["METHODS", "BYOL", "MoCo", "MoCoV1", "MoCoV3", "SimCLR", "SimSiam"]

@@ -1,0 +1,1 @@
+"""The trainer: Config -> build data, method, optimizer -> one loop for every method."""

@@ -1,0 +1,156 @@
+"""Config: one dataclass drives the trainer; the CLI is derived from its fields.
+
+Precedence: the dataclass defaults < the method's preset (`Method.preset(arch)`, the paper
+defaults) < what the command line gives. The resolved config is saved in the run folder as
+config.json, and checkpoints carry it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Config:
+    # ---------------------------------------------------------------- what to train
+    method: str = "byol"  # a key of selfsup.ssl.METHODS
+    arch: str = "resnet_tiny"  # a backbone of selfsup.models.build_backbone
+    data: str = "fashion-mnist"  # fashion-mnist | mnist | fashion-mnist-sample | image folder
+    test_data: str | None = None  # held-out set for k-NN; default: the test split of --data
+    img_size: int | None = None  # None: 32 for 28-px datasets, 224 for image folders
+    patch_size: int | None = None  # ViT patch; None: the arch table, or 4 for images <= 64 px
+    in_chans: int = 3  # grey images are replicated to 3 channels
+    # ---------------------------------------------------------------- how long
+    epochs: float = 100  # schedule length in epochs (unless only --steps is given)
+    steps: int | None = None  # stop after this many optimizer steps
+    batch_size: int = 256  # per process
+    # ---------------------------------------------------------------- optimization
+    optimizer: str = "sgd"  # sgd | lars | adamw
+    lr: float | None = None  # absolute peak lr; overrides blr
+    blr: float = 0.03  # base lr: lr = blr * global_batch / 256
+    min_lr: float = 0.0  # end of the cosine lr schedule
+    wd: float = 1e-4  # weight decay (start value when wd_end is set)
+    wd_end: float | None = None  # cosine weight-decay schedule end (DINO: 0.4); None: constant
+    momentum: float = 0.9  # SGD / LARS momentum
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (MAE: 0.9, 0.95)
+    warmup_epochs: float = 0.0  # linear lr warm-up
+    clip_grad: float | None = None  # max global grad norm (DINO: 3.0)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; GradScaler for fp16)
+    grad_ckpt: bool = False  # activation checkpointing in ViT blocks (ViT-L/H)
+    # ---------------------------------------------------------------- method knobs (presets)
+    temperature: float | None = None  # InfoNCE / NT-Xent / DINO student temperature
+    queue_size: int | None = None  # MoCo v1/v2 negative queue length K
+    ema_momentum: float | None = None  # base momentum of key / target / teacher encoder
+    proj_dim: int | None = None  # projection output width
+    proj_hidden: int | None = None  # projection hidden width
+    pred_hidden: int | None = None  # predictor hidden width
+    out_dim: int | None = None  # DINO head output width K
+    n_local: int | None = None  # DINO local crops
+    teacher_temp: float | None = None  # DINO teacher temperature after warm-up
+    warmup_teacher_temp: float | None = None  # DINO teacher temperature at step 0
+    warmup_teacher_temp_epochs: float | None = None  # DINO teacher temperature warm-up
+    freeze_last_layer_epochs: float | None = None  # DINO: last head layer frozen this long
+    center_momentum: float | None = None  # DINO center EMA
+    mask_ratio: float | None = None  # MAE
+    norm_pix: bool | None = None  # MAE normalized-pixel target
+    decoder_dim: int | None = None  # MAE decoder width
+    decoder_depth: int | None = None  # MAE decoder blocks
+    shuffle_bn: bool | None = None  # MoCo v1/v2 shuffle BN (emulated on one process)
+    # ---------------------------------------------------------------- runtime
+    device: str = "auto"  # auto | cpu | cuda
+    data_device: str = "auto"  # loader: auto | dali-gpu | dali-cpu | portable
+    workers: int | None = None  # loader threads; None: all cores
+    out: str | None = None  # run folder; None: runs/<method>-<arch>
+    resume: str | None = None  # checkpoint path, run folder, or "auto" (this run's folder)
+    seed: int = 0
+    knn_every: float = 1.0  # k-NN monitor every N epochs (0: only before and after training)
+    knn_k: int = 20
+    knn_t: float = 0.07
+    knn_train_size: int = 10000  # train images used as the k-NN memory (0: all)
+    knn_test_size: int = 10000  # held-out images scored (0: all)
+    log_every: int = 10  # optimizer steps between log lines
+    ckpt_every: int = 1000  # optimizer steps between checkpoints (and always at the end)
+    fsdp: bool = False  # shard with FSDP2 fully_shard (ViT-L/H, several GPUs)
+    # Filled in by the trainer, not by users.
+    extra: dict = field(default_factory=dict, metadata={"cli": False})
+
+    # ---------------------------------------------------------------- derived values
+    def peak_lr(self, world_size: int = 1) -> float:
+        return self.lr if self.lr is not None else self.blr * self.batch_size * world_size / 256
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        d = dict(d)
+        if isinstance(d.get("betas"), list):
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+CHOICES = {
+    "optimizer": ("sgd", "lars", "adamw"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "device": ("auto", "cpu", "cuda"),
+    "data_device": ("auto", "dali-gpu", "dali-cpu", "portable"),
+}
+
+
+def _base_type(annotation: object) -> tuple[type, bool]:
+    """(scalar type, optional?) for an annotation like `int | None` or `tuple[float, float]`."""
+    tp = typing.get_type_hints(Config)[annotation] if isinstance(annotation, str) else annotation
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return tp, False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per Config field (underscores become dashes); unset flags stay absent."""
+    p = argparse.ArgumentParser(
+        prog="train.py", argument_default=argparse.SUPPRESS,
+        description="Self-supervised pre-training. Defaults < method preset < these flags.")
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if not f.metadata.get("cli", True):
+            continue
+        tp, optional = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, dest=f.name)
+        elif typing.get_origin(tp) is tuple:
+            p.add_argument(flag, type=float, nargs=2, dest=f.name, metavar=("B1", "B2"))
+        else:
+            p.add_argument(flag, type=tp, dest=f.name, choices=CHOICES.get(f.name),
+                           metavar=None if f.name in CHOICES else f.name.upper())
+    return p
+
+
+def resolve(cli: dict, preset_fn: typing.Callable[[str | None], dict] | None = None) -> Config:
+    """Merge defaults < preset < cli. `cli` holds only the flags the user gave."""
+    cfg = Config().to_dict()
+    if preset_fn is not None:
+        preset = preset_fn(cli.get("arch"))
+        unknown = set(preset) - set(cfg)
+        if unknown:
+            raise ValueError(f"method preset sets unknown config keys: {sorted(unknown)}")
+        cfg.update(preset)
+    cfg.update(cli)
+    out = Config.from_dict(cfg)
+    out.extra["cli_keys"] = sorted(cli)
+    return out

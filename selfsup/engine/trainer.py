@@ -1,0 +1,283 @@
+"""The one training loop that drives every method.
+
+The loop knows the method contract (ARCHITECTURE.md) and nothing else about the method:
+``forward(views) -> {"loss", **logs}``, ``param_groups(cfg)``, ``on_step_end(step, total)``,
+``encoder()``, the class attribute ``recipe`` and the optional ``recipe_kwargs(cfg)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import dist
+from ..data import build_loader, load_dataset
+from ..data.datasets import subset
+from ..ssl import METHODS
+from . import checkpoint as ckpt
+from . import schedules
+from .config import Config
+from .monitors import CollapseMonitor, first_layer, grad_norm, knn_accuracy
+from .optim import build_optimizer
+from .runlog import Progress, RunLogger
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf: the run stops (after a diagnostic checkpoint)."""
+
+
+# ============================================================================ setup
+def setup_device(cfg: Config) -> torch.device:
+    """Pick the device and join the process group when launched by torchrun."""
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but CUDA is not available")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_dist():
+        import torch.distributed as tdist
+
+        tdist.init_process_group("nccl" if want_cuda else "gloo")
+    if want_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def method_class(cfg_or_name):
+    name = cfg_or_name if isinstance(cfg_or_name, str) else cfg_or_name.method
+    if name not in METHODS:
+        raise ValueError(f"--method must be one of {sorted(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+def make_train_loader(cfg: Config, recipe: str, recipe_kwargs: dict):
+    return build_loader(cfg.data, recipe, cfg.batch_size, device=cfg.data_device,
+                        img_size=cfg.img_size, num_threads=cfg.workers, seed=cfg.seed,
+                        shard_id=dist.rank(), num_shards=dist.world_size(), drop_last=True,
+                        in_chans=cfg.in_chans, **recipe_kwargs)
+
+
+def make_knn_loaders(cfg: Config):
+    """Deterministic single-view loaders over a train subset (memory) and the test split."""
+    train = subset(load_dataset(cfg.data, "train"), cfg.knn_train_size, cfg.seed)
+    test = subset(load_dataset(cfg.test_data or cfg.data, "test"), cfg.knn_test_size, cfg.seed)
+    kw = dict(device=cfg.data_device, img_size=cfg.img_size, num_threads=cfg.workers,
+              drop_last=False, in_chans=cfg.in_chans, seed=cfg.seed)
+    return build_loader(train, "eval", 256, **kw), build_loader(test, "eval", 256, **kw)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+# ============================================================================ checkpoints
+def checkpoint_state(method: nn.Module, opt, scaler, step: int, epoch: int, cfg: Config) -> dict:
+    return {"model": unwrap(method).state_dict(), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
+            "config": cfg.to_dict(), "rng": ckpt.rng_state()}
+
+
+def find_resume(cfg: Config, run_dir: Path) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        p = run_dir / ckpt.CHECKPOINT_NAME
+        return p if p.is_file() else None
+    return ckpt.resolve_path(cfg.resume)
+
+
+# ============================================================================ the loop
+def train(cfg: Config) -> dict:
+    """Train `cfg.method` and return a summary dict (k-NN before/after, steps, run folder)."""
+    # ---------------------------------------------------------------- setup
+    device = setup_device(cfg)
+    rank, world = dist.rank(), dist.world_size()
+    main = rank == 0
+    torch.manual_seed(cfg.seed + rank)
+    run_dir = Path(cfg.out or f"runs/{cfg.method}-{cfg.arch}")
+    cls = method_class(cfg)
+    amp_dtype = AMP_DTYPES[cfg.precision]
+
+    # ---------------------------------------------------------------- data
+    recipe_kwargs = cls.recipe_kwargs(cfg) if hasattr(cls, "recipe_kwargs") else {}
+    loader = make_train_loader(cfg, cls.recipe, recipe_kwargs)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {cfg.batch_size} x {world} processes exceeds the "
+                         f"dataset ({loader.num_samples} images): no full batch per epoch")
+    cfg.img_size = cfg.img_size or loader.view_sizes[0]
+    explicit_epochs = "epochs" in cfg.extra.get("cli_keys", ())
+    schedule_steps = (cfg.steps if cfg.steps and not explicit_epochs
+                      else max(1, math.ceil(cfg.epochs * steps_per_epoch)))
+    total = min(cfg.steps, schedule_steps) if cfg.steps else schedule_steps
+    cfg.extra.update(steps_per_epoch=steps_per_epoch, schedule_steps=schedule_steps,
+                     world_size=world)
+
+    # ---------------------------------------------------------------- model + optimizer
+    method = cls(cfg).to(device)
+    model = wrap_distributed(method, cfg, device)
+    opt = build_optimizer(method.param_groups(cfg), cfg)
+    peak_lr = cfg.peak_lr(world)
+    lr_sched = schedules.cosine(peak_lr, cfg.min_lr, schedule_steps,
+                                round(cfg.warmup_epochs * steps_per_epoch))
+    wd_sched = (schedules.cosine(cfg.wd, cfg.wd_end, schedule_steps) if cfg.wd_end is not None
+                else schedules.constant(cfg.wd, schedule_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    params = [p for p in method.parameters() if p.requires_grad]
+    stem = first_layer(method.encoder())
+
+    # ---------------------------------------------------------------- resume
+    step = 0
+    resume_path = find_resume(cfg, run_dir)
+    if resume_path is not None:
+        state = ckpt.load(resume_path)
+        for key in ("method", "arch"):
+            if state["config"].get(key) != getattr(cfg, key):
+                raise ckpt.CheckpointError(f"{resume_path} was trained with --{key} "
+                                           f"{state['config'].get(key)}, not {getattr(cfg, key)}")
+        method.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        ckpt.set_rng_state(state["rng"])
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+    logger = RunLogger(run_dir, enabled=main)
+    progress = Progress(total, step, cfg.batch_size * world, cfg.log_every, enabled=main)
+    if resume_path is not None:
+        progress.message(f"resumed from {resume_path} at step {step}")
+
+    # ---------------------------------------------------------------- k-NN monitor
+    knn_on = main and cfg.knn_every >= 0
+    knn_loaders = make_knn_loaders(cfg) if knn_on else None
+    summary: dict = {"run_dir": str(run_dir), "method": cfg.method, "arch": cfg.arch}
+
+    def run_knn(tag: str) -> float:
+        acc = knn_accuracy(method.encoder(), *knn_loaders, device, k=cfg.knn_k, t=cfg.knn_t,
+                           autocast_dtype=amp_dtype)
+        logger.log(step, {"knn_top1": acc, "tag": tag}, kind="knn")
+        progress.message(f"[k-NN] step {step} ({tag}): top-1 {acc:.4f}")
+        return acc
+
+    if knn_on and step == 0:
+        summary["knn_random_init"] = run_knn("random init")
+
+    # ---------------------------------------------------------------- signals
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    collapse = CollapseMonitor()
+    epoch = step // steps_per_epoch
+    t_start = time.perf_counter()
+    try:
+        while step < total and stop["signal"] is None:
+            loader.set_epoch(epoch)
+            skip = step - epoch * steps_per_epoch  # batches this epoch already trained on
+            for i, (views, _labels) in enumerate(loader):
+                if i < skip:
+                    continue
+                if step >= total or stop["signal"] is not None:
+                    break
+                # -------------------------------------------------- one optimizer step
+                lr = float(lr_sched[step])
+                for g in opt.param_groups:
+                    g["lr"] = (peak_lr if g.get("fixed_lr") else lr) * g.get("lr_scale", 1.0)
+                    g["weight_decay"] = float(wd_sched[step]) if g.get("apply_wd", True) else 0.0
+                views = [v.to(device, non_blocking=True) for v in views]
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                    enabled=amp_dtype is not None):
+                    out = model(views)
+                loss = out["loss"]
+                if not torch.isfinite(loss.detach()).item():
+                    path = run_dir / f"diagnostic-step{step}.pt"
+                    if main:
+                        ckpt.save(checkpoint_state(method, opt, scaler, step, epoch, cfg), path)
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss.item()}) at step {step} of method "
+                        f"{cfg.method} with lr {lr:.4g}; diagnostic checkpoint: {path}")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                for g in opt.param_groups:  # e.g. DINO's last layer during epoch 1
+                    if step < g.get("freeze_steps", 0):
+                        for p in g["params"]:
+                            p.grad = None
+                total_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad).item()
+                              if cfg.clip_grad else None)
+                log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
+                if log_now:
+                    stem_norm = grad_norm(stem.parameters()) if stem is not None else 0.0
+                    total_norm = grad_norm(params) if total_norm is None else total_norm
+                scaler.step(opt)
+                scaler.update()
+                unwrap(model).on_step_end(step, schedule_steps)
+                step += 1
+                # -------------------------------------------------- logs and monitors
+                if log_now:
+                    logs = {k: float(v) for k, v in out.items()
+                            if isinstance(v, (int, float)) or torch.is_tensor(v) and v.numel() == 1}
+                    logs.update(lr=lr, grad_norm=total_norm, grad_norm_first_layer=stem_norm,
+                                epoch=step / steps_per_epoch)
+                    if scaler.is_enabled():
+                        logs["loss_scale"] = scaler.get_scale()
+                    logger.log(step, logs)
+                    collapse.update(step, logs)
+                progress.update(step, float(loss.detach()), lr)
+                if main and step % cfg.ckpt_every == 0 and step < total:
+                    ckpt.save(checkpoint_state(method, opt, scaler, step, epoch, cfg),
+                              run_dir / ckpt.CHECKPOINT_NAME)
+            else:  # the epoch ran out (not a break)
+                epoch += 1
+                if knn_on and cfg.knn_every > 0 and step < total and (
+                        epoch % max(1, round(cfg.knn_every)) == 0):
+                    run_knn(f"epoch {epoch}")
+                continue
+            if step >= total or stop["signal"] is not None:
+                break
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    # ---------------------------------------------------------------- the end
+    if main:
+        ckpt.save(checkpoint_state(method, opt, scaler, step, epoch, cfg),
+                  run_dir / ckpt.CHECKPOINT_NAME)
+    summary.update(steps=step, seconds=round(time.perf_counter() - t_start, 1),
+                   collapse_warnings=list(collapse.warnings))
+    if stop["signal"] is not None:
+        progress.message(f"received {stop['signal']}: saved {run_dir / ckpt.CHECKPOINT_NAME} "
+                         f"at step {step}; resume with --resume auto --out {run_dir}")
+        summary["interrupted"] = stop["signal"]
+    elif knn_on:
+        summary["knn_trained"] = run_knn("trained")
+    logger.log(step, {k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
+               kind="summary")
+    logger.close()
+    return summary
+
+
+def wrap_distributed(method: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """DDP (or FSDP2 with --fsdp) across ranks; the method itself on one process."""
+    if not dist.is_dist():
+        return method
+    from .distributed import wrap
+
+    return wrap(method, cfg, device)
+
+
+def autocast_context(device: torch.device, amp_dtype):
+    return (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+            else nullcontext())

@@ -1,0 +1,57 @@
+"""BYOL: an online network predicts an EMA target network's projection.
+
+Grill et al. 2020. online: backbone -> projector (4096 -> 256) -> predictor (4096 -> 256);
+target: EMA of backbone + projector, tau 0.996 -> 1 on a cosine (0.99 for short runs).
+
+    L = (2 - 2 cos(p(x1), sg(z_t(x2)))) + (2 - 2 cos(p(x2), sg(z_t(x1))))   (batch mean)
+
+The augmentation is asymmetric (recipe "byol": blur always on view 1, solarize on view 2).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..models.heads import MLP
+from .common import Method, momentum_at, build_encoder, collapse_stats, ema_update, frozen_copy
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1)).mean()
+
+
+class BYOL(Method):
+    recipe: ClassVar[str] = "byol"
+    sync_bn: ClassVar[bool] = True
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.base_momentum = self.momentum = cfg.ema_momentum
+        self.backbone = build_encoder(cfg)
+        d, hid, out = self.backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim
+        self.projector = MLP(d, hid, out, 2, bn=True)
+        self.predictor = MLP(out, cfg.pred_hidden, out, 2, bn=True)
+        self.t_backbone, self.t_projector = frozen_copy(self.backbone), frozen_copy(self.projector)
+
+    @classmethod
+    def preset(cls, arch):
+        return dict(optimizer="lars", blr=0.2, wd=1.5e-6, ema_momentum=0.996, proj_hidden=4096,
+                    proj_dim=256, pred_hidden=4096, warmup_epochs=10, epochs=300)
+
+    def forward(self, views: list[torch.Tensor]) -> dict:
+        z1 = self.projector(self.backbone(views[0]))
+        z2 = self.projector(self.backbone(views[1]))
+        with torch.no_grad():
+            t1 = self.t_projector(self.t_backbone(views[0]))
+            t2 = self.t_projector(self.t_backbone(views[1]))
+        loss = byol_loss(self.predictor(z1), t2) + byol_loss(self.predictor(z2), t1)
+        return {"loss": loss, "momentum": self.momentum, **collapse_stats(z1)}
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        self.momentum = momentum_at(self.base_momentum, step + 1, total_steps)
+        ema_update(self.t_backbone, self.backbone, self.momentum)
+        ema_update(self.t_projector, self.projector, self.momentum)

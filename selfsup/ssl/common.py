@@ -1,0 +1,120 @@
+"""What every method shares: the contract base class and a few functions.
+
+The contract (ARCHITECTURE.md): ``recipe`` (data recipe name), ``preset(arch)`` (paper
+defaults merged into Config), ``forward(views) -> {"loss", **logs}``, ``param_groups(cfg)``,
+``on_step_end(step, total_steps)`` and ``encoder()``. One level of subclassing at most.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import build_backbone
+
+
+class Method(nn.Module):
+    recipe: ClassVar[str] = "mocov2"
+    sync_bn: ClassVar[bool] = False  # convert BN to SyncBatchNorm under DDP (heads with BN)
+
+    @classmethod
+    def preset(cls, arch: str | None) -> dict:
+        """Paper defaults for this method (and this arch when it matters)."""
+        return {}
+
+    @classmethod
+    def recipe_kwargs(cls, cfg) -> dict:
+        """Extra build_loader arguments (e.g. DINO's number of local crops)."""
+        return {}
+
+    def param_groups(self, cfg) -> list[dict]:
+        return split_decay(self.named_parameters())
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """EMA / queue / center updates after the optimizer step `step` (0-based)."""
+
+    def encoder(self) -> nn.Module:
+        return self.backbone
+
+
+# ----------------------------------------------------------------------------- building
+def split_decay(named_params, **extra) -> list[dict]:
+    """Two groups: weights with decay, and biases/norm parameters (ndim <= 1) without."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [dict(params=decay, **extra), dict(params=no_decay, apply_wd=False,
+                                                lars_exclude=True, **extra)]
+    return [g for g in groups if g["params"]]
+
+
+def is_vit(arch: str | None) -> bool:
+    return bool(arch) and arch.startswith("vit")
+
+
+def build_encoder(cfg, **kw) -> nn.Module:
+    """The backbone named by cfg.arch at the run's image size; ViT patch 4 for small images."""
+    patch = cfg.patch_size
+    if patch is None and is_vit(cfg.arch) and cfg.img_size and cfg.img_size <= 64:
+        patch = 4
+    if is_vit(cfg.arch):
+        kw.setdefault("patch_size", patch)
+        if cfg.grad_ckpt:
+            kw.setdefault("grad_ckpt", True)
+    return build_backbone(cfg.arch, img_size=cfg.img_size, in_chans=cfg.in_chans, **kw)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy that gets no gradient (momentum / target / teacher encoder)."""
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+# ----------------------------------------------------------------------------- EMA
+def momentum_at(base: float, step: int, total: int) -> float:
+    """Cosine EMA momentum base -> 1 (BYOL, MoCo v3, DINO): 1 - (1-base)(cos(pi t/T)+1)/2."""
+    if total <= 1:
+        return base
+    t = min(max(step, 0), total - 1) / (total - 1)
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * t) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """target <- m * target + (1 - m) * online, for parameters and float buffers.
+
+    One fused `torch._foreach_lerp_` per tensor kind: no per-parameter Python loop.
+    """
+    tp, op = list(target.parameters()), list(online.parameters())
+    torch._foreach_lerp_(tp, op, 1.0 - momentum)
+    tb = [b for b in target.buffers() if b.is_floating_point()]
+    ob = [b for b in online.buffers() if b.is_floating_point()]
+    if tb:
+        torch._foreach_lerp_(tb, ob, 1.0 - momentum)
+    # integer buffers (BN's num_batches_tracked) are copied
+    for t, o in zip(target.buffers(), online.buffers(), strict=True):
+        if not t.is_floating_point():
+            t.copy_(o)
+
+
+# ----------------------------------------------------------------------------- monitors
+@torch.no_grad()
+def collapse_stats(z: torch.Tensor) -> dict:
+    """std over the batch of normalize(z), averaged over dims: ~1/sqrt(d) healthy, 0 collapsed."""
+    zn = F.normalize(z.detach().float(), dim=1)
+    return {"collapse_std": zn.std(0).mean(), "collapse_dim": float(z.shape[1])}
+
+
+def cosine_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """-mean cos(p, sg(z)): SimSiam's D(p, z)."""
+    return -F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()

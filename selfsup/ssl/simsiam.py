@@ -1,0 +1,49 @@
+"""SimSiam: a siamese network with a predictor and stop-gradient; no negatives, no EMA.
+
+Chen and He 2021. For two views: z = f(x) (backbone + 3-layer projector, BN after every
+layer, the output BN without affine), p = h(z) (predictor 2048 -> 512 -> 2048):
+
+    L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2,   D(p, z) = -mean cos(p, z)
+
+Without the stop-gradient the model collapses (loss -1, output std -> 0): the collapse monitor
+watches std(normalize(z)), healthy near 1/sqrt(d). The predictor keeps a fixed lr.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..models.heads import MLP
+from .common import Method, build_encoder, collapse_stats, cosine_loss, split_decay
+
+
+class SimSiam(Method):
+    recipe: ClassVar[str] = "mocov2"
+    sync_bn: ClassVar[bool] = True
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.backbone = build_encoder(cfg)
+        d, hid, out = self.backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim
+        self.projector = MLP(d, hid, out, 3, bn=True, last_bn=True, last_bn_affine=False)
+        self.predictor = MLP(out, cfg.pred_hidden, out, 2, bn=True)
+
+    @classmethod
+    def preset(cls, arch):
+        return dict(optimizer="sgd", blr=0.05, wd=1e-4, momentum=0.9, proj_hidden=2048,
+                    proj_dim=2048, pred_hidden=512, epochs=100)
+
+    def forward(self, views: list[torch.Tensor]) -> dict:
+        z1 = self.projector(self.backbone(views[0]))
+        z2 = self.projector(self.backbone(views[1]))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        loss = cosine_loss(p1, z2) / 2 + cosine_loss(p2, z1) / 2
+        return {"loss": loss, **collapse_stats(z1)}
+
+    def param_groups(self, cfg) -> list[dict]:
+        enc = [(n, p) for n, p in self.named_parameters() if not n.startswith("predictor.")]
+        # The paper's fixed-lr predictor: the cosine schedule does not apply to it.
+        return split_decay(enc) + split_decay(self.predictor.named_parameters(),
+                                              fixed_lr=True, name="predictor")
