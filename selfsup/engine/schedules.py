@@ -1,7 +1,8 @@
-"""Per-step schedules, precomputed once: lr, weight decay, teacher temperature.
+"""Per-step schedules, precomputed once: lr and weight decay.
 
 Methods and the loop index these arrays by the optimizer step; nothing is computed from the
-epoch inside a method.
+epoch inside a method. (EMA momentum: ssl.common.momentum_at; DINO's teacher temperature:
+kernels.teacher_temp_schedule.)
 """
 
 from __future__ import annotations
@@ -29,11 +30,3 @@ def cosine(start: float, end: float, total: int, warmup: int = 0, warmup_start: 
 
 def constant(value: float, total: int) -> torch.Tensor:
     return torch.full((total,), float(value), dtype=torch.float64)
-
-
-def linear_warmup_then_constant(start: float, end: float, warmup: int, total: int
-                                ) -> torch.Tensor:
-    """start -> end linearly over `warmup` steps, then `end` (DINO's teacher temperature)."""
-    warmup = max(0, min(int(warmup), total))
-    ramp = torch.linspace(start, end, warmup, dtype=torch.float64) if warmup else torch.zeros(0)
-    return torch.cat([ramp, torch.full((total - warmup,), float(end), dtype=torch.float64)])

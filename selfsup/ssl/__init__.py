@@ -9,6 +9,8 @@ the standard library's `ssl`.
 """
 
 from .byol import BYOL
+from .dino import DINO
+from .mae import MAE
 from .moco import MoCo, MoCoV1
 from .mocov3 import MoCoV3
 from .simclr import SimCLR
@@ -21,6 +23,8 @@ METHODS = {
     "simsiam": SimSiam,
     "byol": BYOL,
     "simclr": SimCLR,
+    "dino": DINO,
+    "mae": MAE,
 }
 
-__all__ = ["METHODS", "BYOL", "MoCo", "MoCoV1", "MoCoV3", "SimCLR", "SimSiam"]
+__all__ = ["METHODS", "BYOL", "DINO", "MAE", "MoCo", "MoCoV1", "MoCoV3", "SimCLR", "SimSiam"]
