@@ -94,3 +94,29 @@ def _to_lists(x):
 
 def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def load_method(path: str | Path, *, random_init: bool = False,
+                device: str | torch.device = "cpu"):
+    """(method in eval mode, Config, raw checkpoint) for the tools that read runs.
+
+    `random_init` builds the same method and architecture (same seed) without loading the
+    trained weights: the baseline every evaluation should report next to the trained model.
+    """
+    from ..ssl import METHODS
+    from .config import Config
+
+    state = load(path)
+    cfg = Config.from_dict(state["config"])
+    if cfg.method not in METHODS:
+        raise CheckpointError(f"{resolve_path(path)} names unknown method {cfg.method!r}")
+    torch.manual_seed(cfg.seed)
+    method = METHODS[cfg.method](cfg)
+    if not random_init:
+        try:
+            method.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{resolve_path(path)} does not match its own config "
+                                  f"({cfg.method}, {cfg.arch}): {str(e).splitlines()[0]}"
+                                  ) from None
+    return method.to(device).eval(), cfg, state

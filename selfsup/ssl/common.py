@@ -61,15 +61,20 @@ def is_vit(arch: str | None) -> bool:
 
 
 def build_encoder(cfg, **kw) -> nn.Module:
-    """The backbone named by cfg.arch at the run's image size; ViT patch 4 for small images."""
-    patch = cfg.patch_size
-    if patch is None and is_vit(cfg.arch) and cfg.img_size and cfg.img_size <= 64:
-        patch = 4
+    """The backbone named by cfg.arch at the run's image size.
+
+    Small images (<= 64 px): ViTs default to patch 4, ResNets to the CIFAR stem (3x3 conv,
+    no max-pool). --grad-ckpt turns on activation checkpointing in ViT blocks.
+    """
+    small = bool(cfg.img_size) and cfg.img_size <= 64
     if is_vit(cfg.arch):
-        kw.setdefault("patch_size", patch)
-        if cfg.grad_ckpt:
-            kw.setdefault("grad_ckpt", True)
-    return build_backbone(cfg.arch, img_size=cfg.img_size, in_chans=cfg.in_chans, **kw)
+        kw.setdefault("patch_size", cfg.patch_size or (4 if small else None))
+    else:
+        kw.setdefault("cifar_stem", small)
+    net = build_backbone(cfg.arch, img_size=cfg.img_size, in_chans=cfg.in_chans, **kw)
+    if cfg.grad_ckpt and hasattr(net, "set_grad_checkpointing"):
+        net.set_grad_checkpointing(True)
+    return net
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
