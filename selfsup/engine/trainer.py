@@ -11,7 +11,6 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -80,10 +79,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ============================================================================ checkpoints
-def checkpoint_state(method: nn.Module, opt, scaler, step: int, epoch: int, cfg: Config) -> dict:
-    return {"model": unwrap(method).state_dict(), "optimizer": opt.state_dict(),
+def checkpoint_state(model: nn.Module, opt, scaler, step: int, epoch: int, cfg: Config) -> dict:
+    """Everything a resume needs. Collective under FSDP: call it on every rank."""
+    from .distributed import model_state, optimizer_state
+
+    return {"model": model_state(model), "optimizer": optimizer_state(model, opt),
             "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
             "config": cfg.to_dict(), "rng": ckpt.rng_state()}
+
+
+def save_checkpoint(model, opt, scaler, step, epoch, cfg, path: Path) -> None:
+    state = checkpoint_state(model, opt, scaler, step, epoch, cfg)  # every rank (FSDP)
+    if dist.is_main():
+        ckpt.save(state, path)
 
 
 def find_resume(cfg: Config, run_dir: Path) -> Path | None:
@@ -144,8 +152,9 @@ def train(cfg: Config) -> dict:
             if state["config"].get(key) != getattr(cfg, key):
                 raise ckpt.CheckpointError(f"{resume_path} was trained with --{key} "
                                            f"{state['config'].get(key)}, not {getattr(cfg, key)}")
-        method.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        from .distributed import load_states
+
+        load_states(model, opt, state["model"], state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
         ckpt.set_rng_state(state["rng"])
@@ -189,7 +198,7 @@ def train(cfg: Config) -> dict:
             for i, (views, _labels) in enumerate(loader):
                 if i < skip:
                     continue
-                if step >= total or stop["signal"] is not None:
+                if step >= total:
                     break
                 # -------------------------------------------------- one optimizer step
                 lr = float(lr_sched[step])
@@ -201,13 +210,17 @@ def train(cfg: Config) -> dict:
                                     enabled=amp_dtype is not None):
                     out = model(views)
                 loss = out["loss"]
-                if not torch.isfinite(loss.detach()).item():
+                bad_loss, stop_now = agree(not torch.isfinite(loss.detach()).item(),
+                                           stop["signal"] is not None)
+                if bad_loss:
                     path = run_dir / f"diagnostic-step{step}.pt"
-                    if main:
-                        ckpt.save(checkpoint_state(method, opt, scaler, step, epoch, cfg), path)
+                    save_checkpoint(model, opt, scaler, step, epoch, cfg, path)
                     raise NonFiniteLossError(
                         f"non-finite loss ({loss.item()}) at step {step} of method "
                         f"{cfg.method} with lr {lr:.4g}; diagnostic checkpoint: {path}")
+                if stop_now:  # a signal reached some rank: all stop before this step
+                    stop["signal"] = stop["signal"] or "SIGTERM (another rank)"
+                    break
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
@@ -236,9 +249,9 @@ def train(cfg: Config) -> dict:
                     logger.log(step, logs)
                     collapse.update(step, logs)
                 progress.update(step, float(loss.detach()), lr)
-                if main and step % cfg.ckpt_every == 0 and step < total:
-                    ckpt.save(checkpoint_state(method, opt, scaler, step, epoch, cfg),
-                              run_dir / ckpt.CHECKPOINT_NAME)
+                if step % cfg.ckpt_every == 0 and step < total:
+                    save_checkpoint(model, opt, scaler, step, epoch, cfg,
+                                    run_dir / ckpt.CHECKPOINT_NAME)
             else:  # the epoch ran out (not a break)
                 epoch += 1
                 if knn_on and cfg.knn_every > 0 and step < total and (
@@ -252,9 +265,7 @@ def train(cfg: Config) -> dict:
             signal.signal(s, h)
 
     # ---------------------------------------------------------------- the end
-    if main:
-        ckpt.save(checkpoint_state(method, opt, scaler, step, epoch, cfg),
-                  run_dir / ckpt.CHECKPOINT_NAME)
+    save_checkpoint(model, opt, scaler, step, epoch, cfg, run_dir / ckpt.CHECKPOINT_NAME)
     summary.update(steps=step, seconds=round(time.perf_counter() - t_start, 1),
                    collapse_warnings=list(collapse.warnings))
     if stop["signal"] is not None:
@@ -269,6 +280,15 @@ def train(cfg: Config) -> dict:
     return summary
 
 
+def agree(*flags: bool) -> list[bool]:
+    """OR each flag across ranks (one tiny all_reduce), so every rank stops at the same step."""
+    if not dist.is_dist():
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags],
+                     device="cuda" if torch.cuda.is_available() else "cpu")
+    return [bool(v) for v in dist.all_reduce_sum(t).tolist()]
+
+
 def wrap_distributed(method: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
     """DDP (or FSDP2 with --fsdp) across ranks; the method itself on one process."""
     if not dist.is_dist():
@@ -276,8 +296,3 @@ def wrap_distributed(method: nn.Module, cfg: Config, device: torch.device) -> nn
     from .distributed import wrap
 
     return wrap(method, cfg, device)
-
-
-def autocast_context(device: torch.device, amp_dtype):
-    return (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-            else nullcontext())
