@@ -13,6 +13,27 @@ Works without CUDA and without triton installed.
 from ._registry import REGISTRY, KernelConfig, register_kernel
 from ._triton import HAS_TRITON
 from ._utils import BACKENDS, choose_backend
+from .dino_loss import DINOLoss, dino_loss, dino_loss_ref, teacher_temp_schedule
+from .info_nce import (
+    MoCoQueue,
+    info_nce_batch,
+    info_nce_batch_ref,
+    info_nce_queue,
+    info_nce_queue_ref,
+    nt_xent,
+    nt_xent_ref,
+)
+from .mae import (
+    gather_tokens,
+    gather_tokens_ref,
+    masked_patch_loss,
+    masked_patch_loss_ref,
+    patchify,
+    random_masking,
+    scatter_tokens,
+    scatter_tokens_ref,
+    unpatchify,
+)
 
 __all__ = [
     "BACKENDS",
@@ -21,4 +42,27 @@ __all__ = [
     "KernelConfig",
     "choose_backend",
     "register_kernel",
+    # InfoNCE (MoCo v1/v2/v3, SimCLR)
+    "MoCoQueue",
+    "info_nce_batch",
+    "info_nce_batch_ref",
+    "info_nce_queue",
+    "info_nce_queue_ref",
+    "nt_xent",
+    "nt_xent_ref",
+    # DINO
+    "DINOLoss",
+    "dino_loss",
+    "dino_loss_ref",
+    "teacher_temp_schedule",
+    # MAE
+    "gather_tokens",
+    "gather_tokens_ref",
+    "masked_patch_loss",
+    "masked_patch_loss_ref",
+    "patchify",
+    "random_masking",
+    "scatter_tokens",
+    "scatter_tokens_ref",
+    "unpatchify",
 ]
