@@ -10,8 +10,11 @@ from .datasets import (
     load_fashion_mnist_sample,
     load_mnist,
 )
+from .loader import Loader, build_loader
+from .recipes import RECIPES, Recipe, View, get_recipe
 
 __all__ = [
+    "RECIPES",
     "ArrayDataset",
     "CorruptImageError",
     "DatasetError",
@@ -20,4 +23,9 @@ __all__ = [
     "load_fashion_mnist",
     "load_fashion_mnist_sample",
     "load_mnist",
+    "Loader",
+    "Recipe",
+    "View",
+    "build_loader",
+    "get_recipe",
 ]

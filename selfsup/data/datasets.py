@@ -236,12 +236,21 @@ class ImageFolder:
 
 def decode_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
     """Decode one image file with Pillow. Raises CorruptImageError naming the file."""
+    return np.asarray(open_image(path, mode), dtype=np.uint8)
+
+
+def open_image(path, mode: str = "RGB", data: bytes | None = None):
+    """Fully decode one image (from `data` if given) to a Pillow image in `mode`.
+
+    Raises CorruptImageError naming `path`."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             im.load()  # force the full decode so truncated files fail here, not later
-            return np.asarray(im.convert(mode), dtype=np.uint8)
+            return im.convert(mode)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

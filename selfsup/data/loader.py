@@ -1,0 +1,405 @@
+"""build_loader: multi-view batches from arrays or image folders, on DALI or the portable path.
+
+Order, sharding and augmentation randomness are all decided on the host, per batch:
+  - epoch order: a permutation seeded by (seed, epoch) (identity for "eval"), the same on
+    every shard; truncated (drop_last) or cyclically padded to a multiple of num_shards, then
+    shard k takes every num_shards-th entry, so shards are disjoint and equally long;
+  - batch i of the shard: positions [i*B, (i+1)*B) of that list, and its augmentation
+    parameters from recipes.batch_rng(seed, epoch, shard, i).
+So batch i of epoch e is a pure function of (seed, epoch, shard, i) on every backend: a fresh
+loader after set_epoch(e) reproduces it exactly, whatever was drawn before in the process.
+
+Corrupt files (image folders): the first time a file fails to decode it is reported with a
+warning naming it (or CorruptImageError with on_corrupt="error"), remembered, and its slot
+is filled by the next decodable image of the shard's epoch order, so batches keep their size
+and DDP ranks stay in step; each epoch ends with a warning counting the skipped images. The
+DALI path checks each file cheaply before DALI sees it (Pillow reads the header and size; a
+JPEG without its end marker or a PNG without IEND is fully decoded by Pillow to confirm);
+anything that still fails DALI's decoder fails its batch, and the runner then checks that
+batch's files with a full Pillow decode and rebuilds the pipeline at that batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from . import dali as dali_mod
+from . import transforms
+from .datasets import (
+    ArrayDataset,
+    CorruptImageError,
+    DatasetError,
+    ImageFolder,
+    load_dataset,
+    open_image,
+)
+from .recipes import EVAL_CROP, Recipe, batch_rng, draw_params, get_recipe
+
+DEVICES = ("auto", "dali-gpu", "dali-cpu", "portable")
+ALIASES = {"gpu": "dali-gpu", "cpu": "dali-cpu"}
+
+
+# ----------------------------------------------------------------------------- arguments
+def resolve_backend(device: str) -> str:
+    """"auto" -> dali-gpu (CUDA + DALI), dali-cpu (DALI), else portable."""
+    dev = ALIASES.get(device, device)
+    if dev not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES} (or 'gpu'/'cpu'), got {device!r}")
+    have_dali = dali_mod.available()
+    if dev == "auto":
+        if not have_dali:
+            return "portable"
+        return "dali-gpu" if torch.cuda.is_available() else "dali-cpu"
+    if dev.startswith("dali") and not have_dali:
+        raise RuntimeError(f"device={device!r} needs NVIDIA DALI, which is not installed: "
+                           "pip install nvidia-dali-cuda120 (Linux x86_64/aarch64), or use "
+                           "device='portable'")
+    if dev == "dali-gpu" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} needs CUDA, which is not available; use "
+                           "'dali-cpu' or 'portable'")
+    return dev
+
+
+def _dataset(data, in_chans: int) -> ArrayDataset | ImageFolder:
+    if isinstance(data, (ArrayDataset, ImageFolder)):
+        return data
+    if isinstance(data, tuple) and len(data) == 2:
+        images, labels = np.asarray(data[0]), np.asarray(data[1]).astype(np.int64)
+        return ArrayDataset(images, labels, [], "arrays", "in memory")
+    if isinstance(data, (str, os.PathLike)):
+        return load_dataset(data, "train")
+    raise ValueError("data must be a dataset name, an image-folder path, an ArrayDataset or "
+                     f"ImageFolder, or an (images, labels) tuple; got {type(data).__name__}")
+
+
+def _arrays(ds: ArrayDataset, in_chans: int) -> np.ndarray:
+    """uint8 (N, H, W, C) with C = 1 or 3, converted to grey for in_chans=1."""
+    x = ds.images if ds.images.ndim == 4 else ds.images[..., None]
+    if x.shape[-1] not in (1, 3):
+        raise DatasetError(f"{ds.name}: images must have 1 or 3 channels, got {x.shape}")
+    if in_chans == 1 and x.shape[-1] == 3:  # Pillow's "L": ITU-R 601-2 luma
+        x = np.round(x @ np.array([0.299, 0.587, 0.114]))[..., None].astype(np.uint8)
+    return np.ascontiguousarray(x)
+
+
+# ----------------------------------------------------------------------------- the loader
+class Loader:
+    """Iterate for (views, labels): views a list of float32 (B, C, H, W), labels int64 (B,).
+
+    len() is the number of batches of this shard per epoch; call set_epoch(e) before each
+    epoch. `skipped` counts the corrupt images skipped this epoch, `bad_files` lists every
+    file found corrupt so far.
+    """
+
+    def __init__(self, ds, recipe: Recipe, batch_size: int, backend: str, *, num_threads: int,
+                 seed: int, shard_id: int, num_shards: int, drop_last: bool,
+                 on_corrupt: str) -> None:
+        self.recipe, self.batch_size, self.backend = recipe, batch_size, backend
+        self.num_threads, self.seed = num_threads, seed
+        self.shard_id, self.num_shards, self.drop_last = shard_id, num_shards, drop_last
+        self.on_corrupt = on_corrupt
+        self.dataset = ds
+        self.files = isinstance(ds, ImageFolder)
+        self.labels = np.asarray(ds.labels, dtype=np.int64)
+        self.mode = "RGB" if recipe.in_chans == 3 else "L"
+        if self.files:
+            self.paths = [p for p, _ in ds.samples]
+            self.src_chans = recipe.in_chans
+        else:
+            self.images = _arrays(ds, recipe.in_chans)
+            self.src_chans = self.images.shape[-1]
+            self.hw = np.array(self.images.shape[1:3], np.float64)
+        n = len(self.labels)
+        if n == 0:
+            raise DatasetError(f"dataset {getattr(ds, 'name', '')!r} is empty")
+        per = n // num_shards if drop_last else math.ceil(n / num_shards)
+        self.num_samples = per  # images in this shard per epoch
+        self._len = per // batch_size if drop_last else math.ceil(per / batch_size)
+        self.epoch = 0
+        self.bad: dict[str, str] = {}  # path -> reason, found so far
+        self._skips: dict[int, str] = {}  # this epoch: shard position -> skipped path
+        self._pool = None
+        self._runner = None
+        self._fatal: CorruptImageError | None = None
+
+    # ---------------------------------------------------------------- public
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def view_sizes(self) -> list[int]:
+        return self.recipe.view_sizes
+
+    @property
+    def skipped(self) -> int:
+        return len(self._skips)
+
+    @property
+    def bad_files(self) -> list[str]:
+        return sorted(self.bad)
+
+    def set_epoch(self, epoch: int) -> None:
+        if not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        self._skips = {}
+        order = self.order(self.epoch)
+        if self.backend == "portable":
+            yield from _prefetch(lambda i: self._portable_batch(order, i), len(self))
+        else:
+            yield from self._dali_batches(order)
+        if self._skips:
+            paths = ", ".join(sorted(set(self._skips.values())))
+            warnings.warn(f"skipped {len(self._skips)} corrupt image(s) this epoch: {paths}",
+                          stacklevel=2)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Dataset indices of this shard for `epoch`, in batch order."""
+        n = len(self.labels)
+        if self.recipe.deterministic:
+            perm = np.arange(n)
+        else:
+            perm = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 0x0D])
+                                         ).permutation(n)
+        s = self.num_shards
+        total = n - n % s if self.drop_last else n + (-n) % s
+        perm = np.resize(perm, total)  # truncates, or pads by repeating from the start
+        return perm[self.shard_id::s]
+
+    # ---------------------------------------------------------------- one batch
+    def _positions(self, i: int) -> range:
+        return range(i * self.batch_size, min((i + 1) * self.batch_size, self.num_samples))
+
+    def _params(self, i: int, hw: np.ndarray) -> list[np.ndarray]:
+        rng = batch_rng(self.seed, self.epoch, self.shard_id, i)
+        return [draw_params(v, rng, hw).astype(np.float32) for v in self.recipe.views]
+
+    def _array_batch(self, order, i):
+        idx = order[self._positions(i)]
+        hw = np.tile(self.hw, (len(idx), 1))
+        return self.images[idx], self.labels[idx], self._params(i, hw)
+
+    def _file_batch(self, order, i, load):
+        """Load every file of batch i with `load(path) -> (payload, (h, w))`, substituting
+        corrupt ones; returns payloads, labels, params, paths."""
+        pos = list(self._positions(i))
+        pool = self._threads()
+        got = list(pool.map(lambda p: self._try(load, self.paths[order[p]]), pos))
+        idx = [order[p] for p in pos]
+        for j, (p, g) in enumerate(zip(pos, got, strict=True)):
+            if isinstance(g, CorruptImageError):
+                self._skips[p] = self.paths[order[p]]
+                idx[j], got[j] = self._substitute(order, p, load)
+        payloads, hw = [g[0] for g in got], np.array([g[1] for g in got], np.float64)
+        return payloads, self.labels[idx], self._params(i, hw), [self.paths[k] for k in idx]
+
+    def _try(self, load, path):
+        if path in self.bad:
+            return CorruptImageError(path, self.bad[path])
+        try:
+            return load(path)
+        except CorruptImageError as e:
+            self._mark_bad(e)
+            return e
+
+    def _mark_bad(self, e: CorruptImageError) -> None:
+        if self.on_corrupt == "error":
+            self._fatal = e  # DALI may wrap what its callback raises: keep the original
+            raise e
+        if e.path not in self.bad:
+            warnings.warn(f"{e}; skipping it (on_corrupt='skip')", stacklevel=3)
+            self.bad[e.path] = str(e)
+
+    def _substitute(self, order, p: int, load):
+        """The next decodable image after shard position p (cyclic): deterministic, since
+        corruption is a property of the files."""
+        m = len(order)
+        for k in range(1, m):
+            g = self._try(load, self.paths[order[(p + k) % m]])
+            if not isinstance(g, CorruptImageError):
+                return order[(p + k) % m], g
+        raise DatasetError(f"no decodable image in this shard of {self.dataset.root} "
+                           f"({len(self.bad)} corrupt files)")
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:  # Pillow releases the GIL while decoding and resizing
+            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="selfsup-data")
+        return self._pool
+
+    # ---------------------------------------------------------------- portable backend
+    def _portable_batch(self, order, i):
+        r = self.recipe
+        if not self.files:
+            images, labels, params = self._array_batch(order, i)
+            views = transforms.augment_arrays(images, params, r.views, r.mean, r.std,
+                                              r.in_chans)
+            return views, torch.from_numpy(labels)
+        load = lambda path: (lambda im: (im, (im.height, im.width)))(open_image(path, self.mode))
+        imgs, labels, params, _ = self._file_batch(order, i, load)
+        crops = list(self._threads().map(
+            lambda b: [transforms.crop_resize_pil(imgs[b], params[v][b], view.size)
+                       for v, view in enumerate(r.views)], range(len(imgs))))
+        per_view = [[c[v] for c in crops] for v in range(len(r.views))]
+        views = transforms.augment_crops(per_view, params, r.views, r.mean, r.std, r.in_chans)
+        return views, torch.from_numpy(labels)
+
+    # ---------------------------------------------------------------- DALI backend
+    def _probe(self, path: str):
+        """Encoded bytes and (h, w) of a file, checked cheaply (see the module docstring)."""
+        from PIL import Image
+
+        try:
+            data = np.fromfile(path, dtype=np.uint8)
+        except OSError as e:
+            raise CorruptImageError(path, str(e)) from None
+        raw = data.tobytes()
+        try:
+            import io
+
+            with Image.open(io.BytesIO(raw)) as im:
+                w, h, fmt = im.width, im.height, im.format
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types on garbage
+            raise CorruptImageError(path, str(e) or type(e).__name__) from None
+        tail = raw[-512:]
+        if (fmt == "JPEG" and b"\xff\xd9" not in tail) or (fmt == "PNG" and b"IEND" not in tail):
+            open_image(path, self.mode, data=raw)  # truncated? a full decode decides
+        return data, (h, w)
+
+    def _dali_prepare(self, order, i):
+        if self.files:
+            data, labels, params, paths = self._file_batch(order, i, self._probe)
+        else:
+            data, labels, params = self._array_batch(order, i)
+            paths = None
+        return (data, *params), (labels, paths)
+
+    def _dali_recover(self, metas, error) -> bool:
+        """A batch failed in DALI: full-decode its files with Pillow and mark the bad ones."""
+        if self._fatal is not None:
+            raise self._fatal
+        found = False
+        for _, paths in metas:
+            for path in paths or ():
+                if path in self.bad:
+                    continue
+                try:
+                    open_image(path, self.mode)
+                except CorruptImageError as e:
+                    self._mark_bad(e)
+                    found = True
+        return found
+
+    def _dali_batches(self, order):
+        if self._runner is None:
+            gpu = self.backend == "dali-gpu"
+            dev = torch.cuda.current_device() if gpu else None
+
+            def make(source):
+                return dali_mod.build_pipeline(
+                    self.recipe, source, encoded=self.files, src_chans=self.src_chans,
+                    batch_size=self.batch_size, num_threads=self.num_threads, device_id=dev,
+                    src_side=None if self.files else int(self.hw.max()))
+
+            self._runner = dali_mod.DaliRunner(make, gpu)
+        r = self.recipe
+        for views, (labels, _) in self._runner.run(
+                len(self), lambda i: self._dali_prepare(order, i), self._dali_recover):
+            views = [transforms.normalize(v.permute(0, 3, 1, 2), r.mean, r.std, r.in_chans)
+                     for v in views]  # uint8 (B, S, S, C) -> float32 (B, C', S, S)
+            yield views, torch.from_numpy(labels)
+
+
+def _prefetch(make_batch, n: int, depth: int = 2):
+    """Yield make_batch(0..n-1), computed `depth` batches ahead in a background thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for i in range(n):
+                item = make_batch(i)
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put((False, e))
+
+    t = threading.Thread(target=work, daemon=True, name="selfsup-prefetch")
+    t.start()
+    try:
+        for _ in range(n):
+            ok, item = q.get()
+            if not ok:
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()
+
+
+# ----------------------------------------------------------------------------- entry point
+def build_loader(data, recipe: str, batch_size: int, *, device: str = "auto",
+                 img_size: int | None = None, num_threads: int | None = None,
+                 seed: int | None = None, shard_id: int = 0, num_shards: int = 1,
+                 drop_last: bool = True, in_chans: int = 3, on_corrupt: str = "skip",
+                 **recipe_overrides) -> Loader:
+    """Multi-view augmented batches of `data` for `recipe` (see recipes.py).
+
+    Args:
+      data: "fashion-mnist", "fashion-mnist-sample", "mnist", an image-folder path, an
+        ArrayDataset / ImageFolder, or a tuple (uint8 images (N, H, W[, C]), labels (N,)).
+      recipe: "mocov1", "mocov2", "byol", "dino", "mae" or "eval" (deterministic, 1 view).
+      device: "auto" | "dali-gpu" | "dali-cpu" | "portable" ("gpu"/"cpu" alias the DALI ones).
+      img_size: output side; None -> 32 for arrays of <= 64 px, else 224.
+      num_threads: DALI / Pillow threads; None -> all cores.
+      seed: None -> 0. Batches are a pure function of (seed, epoch, shard_id, batch index).
+      shard_id, num_shards: this rank's disjoint, equally long shard.
+      drop_last: drop each shard's last partial batch (and truncate the dataset to a multiple
+        of num_shards); False keeps it (and pads by repeating the first images).
+      in_chans: 3 (grey replicated) or 1 (colour converted to grey).
+      on_corrupt: "skip" (warn, substitute, count) or "error" (raise CorruptImageError).
+      recipe_overrides: e.g. n_local=, local_size=, scale=, mean=, std= (see get_recipe).
+    Returns:
+      a Loader; iterate for (views, labels): views a list of float32 (B, C, S_v, S_v)
+      normalized with recipe.mean/std (CUDA tensors for dali-gpu), labels int64 (B,).
+    """
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not (isinstance(num_shards, int) and num_shards >= 1 and 0 <= shard_id < num_shards):
+        raise ValueError(f"need num_shards >= 1 and 0 <= shard_id < num_shards, got "
+                         f"shard_id={shard_id!r}, num_shards={num_shards!r}")
+    if on_corrupt not in ("skip", "error"):
+        raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}")
+    if num_threads is not None and num_threads < 0:
+        raise ValueError(f"num_threads must be >= 0 or None, got {num_threads!r}")
+    backend = resolve_backend(device)
+    ds = _dataset(data, in_chans)
+    files = isinstance(ds, ImageFolder)
+    if img_size is None:
+        img_size = 224 if files or max(ds.images.shape[1:3]) > 64 else 32
+    if recipe == "eval" and files:  # shorter side to S*256/224, then the centre S x S
+        recipe_overrides.setdefault("center_crop", EVAL_CROP)
+    r = get_recipe(recipe, img_size, in_chans, **recipe_overrides)
+    threads = (os.cpu_count() or 1) if num_threads is None else max(1, num_threads)
+    return Loader(ds, r, int(batch_size), backend, num_threads=threads,
+                  seed=0 if seed is None else int(seed), shard_id=shard_id,
+                  num_shards=num_shards, drop_last=drop_last, on_corrupt=on_corrupt)
+
+

@@ -1,0 +1,156 @@
+"""Portable augmentation: the recipes of recipes.py in batched torch, plus Pillow for files.
+
+Used where DALI is absent (macOS, ARM) or when asked for (device="portable"). It reads the
+same per-sample parameter matrix as the DALI graph (recipes.draw_params), so both backends
+compute the same augmentations; they differ only by interpolation details and by DALI
+rounding to uint8 between its ops (this path stays in float32 until the normalization):
+
+  crop+resize  arrays: one batched `grid_sample` (bilinear, pixel centres, clamped borders),
+               which equals DALI's linear resize when upsampling; it does not antialias when
+               a crop is shrunk (DALI does). Files: Pillow's bilinear `resize(box=...)`, which
+               antialiases like DALI.
+  flip         a box with x0 > x1: a mirrored sampling grid (arrays), a Pillow transpose
+               (files)
+  colour       DALI's color_twist matrix: b*c * YIQ->RGB * hue(h) * sat(s) * RGB->YIQ, offset
+               128*(1-c)*b, clamped to [0, 255]; one channel: brightness/contrast only
+  blur         separable Gaussian, window `View.blur_window`, reflect-101 borders (as DALI)
+  solarize     x -> 255 - x where x >= 128
+  normalize    (x / 255 - mean) / std, grey replicated to 3 channels when asked
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .recipes import BRIGHT, CONTRAST, HUE, ROI, SAT, SIGMA, SOLARIZE, View
+
+# DALI's colour-space constants (color_twist), so that both backends twist identically
+RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321],
+                        [0.211, -0.523, 0.311]], dtype=torch.float64)
+YIQ2RGB = torch.tensor([[1.0, 0.956, 0.621], [1.0, -0.272, -0.647], [1.0, -1.107, 1.705]],
+                       dtype=torch.float64)
+
+
+def crop_resize(x: torch.Tensor, p: torch.Tensor, size: int) -> torch.Tensor:
+    """x (B, C, H, W) float, p (B, N_PARAMS) -> (B, C, size, size): crop p[:, ROI].
+
+    A box with x0 > x1 samples right to left: that is the mirror."""
+    y0, x0, y1, x1 = p[:, ROI].double().unbind(1)
+    base = (torch.arange(size, dtype=torch.float64) + 0.5) / size  # output pixel centres
+    gx = 2 * (x0[:, None] + base * (x1 - x0)[:, None]) - 1  # grid_sample's [-1, 1] = edges
+    gy = 2 * (y0[:, None] + base * (y1 - y0)[:, None]) - 1
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
+def crop_resize_pil(img, p: np.ndarray, size: int) -> np.ndarray:
+    """A Pillow image and one parameter row -> uint8 (size, size[, C]), cropped and flipped."""
+    from PIL import Image
+
+    w, h = img.size
+    y0, x0, y1, x1 = (float(v) for v in p[ROI])
+    box = (min(x0, x1) * w, y0 * h, max(x0, x1) * w, y1 * h)
+    out = img.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
+    if x0 > x1:  # the mirrored box
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
+
+
+def twist_matrices(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, 3) matrices and (B,) offsets of DALI's color_twist for parameter rows p."""
+    b, c, s = p[:, BRIGHT].double(), p[:, CONTRAST].double(), p[:, SAT].double()
+    h = torch.deg2rad(p[:, HUE].double())
+    n = len(p)
+    hue_sat = torch.zeros(n, 3, 3, dtype=torch.float64)  # rotate and scale the I, Q axes
+    hue_sat[:, 0, 0] = 1
+    hue_sat[:, 1, 1] = hue_sat[:, 2, 2] = torch.cos(h) * s
+    hue_sat[:, 1, 2] = torch.sin(h) * s
+    hue_sat[:, 2, 1] = -torch.sin(h) * s
+    m = (b * c)[:, None, None] * (YIQ2RGB @ hue_sat @ RGB2YIQ)
+    return m, 128.0 * (1 - c) * b
+
+
+def color_twist(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W) in [0, 255] -> twisted and clamped; C == 1: brightness/contrast only."""
+    m, off = twist_matrices(p)
+    off = off.to(x.dtype)[:, None, None, None]
+    if x.shape[1] == 1:
+        bc = (p[:, BRIGHT] * p[:, CONTRAST]).to(x.dtype)[:, None, None, None]
+        return (x * bc + off).clamp_(0, 255)
+    return (torch.einsum("bij,bjhw->bihw", m.to(x.dtype), x) + off).clamp_(0, 255)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, window: int) -> torch.Tensor:
+    """Blur the samples with sigma > 0 (separable, normalized, reflect-101 borders)."""
+    sel = torch.nonzero(sigma > 0).flatten()
+    if len(sel) == 0:
+        return x
+    xs = x[sel]
+    n, c, h, w = xs.shape
+    r = torch.arange(window, dtype=torch.float64) - window // 2
+    k = torch.exp(-r[None] ** 2 / (2 * sigma[sel].double()[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).to(x.dtype).repeat_interleave(c, 0)  # (n*C, window)
+    pad = window // 2
+    # one grouped conv over all (sample, channel) planes; each plane has its own kernel
+    xs = F.pad(xs.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    xs = F.conv2d(xs, k.view(n * c, 1, 1, window), groups=n * c)
+    xs = F.conv2d(xs, k.view(n * c, 1, window, 1), groups=n * c)
+    out = x.clone()
+    out[sel] = xs.view(n, c, h, w)
+    return out
+
+
+def solarize(x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+    on = (flag > 0).view(-1, 1, 1, 1) & (x >= 128)
+    return torch.where(on, 255 - x, x)
+
+
+def normalize(x: torch.Tensor, mean, std, out_chans: int) -> torch.Tensor:
+    """[0, 255] (B, C, H, W), any dtype -> float32 normalized (B, out_chans, H, W).
+
+    Grey is replicated to out_chans. Both backends end here (DALI hands over uint8 HWC
+    permuted to CHW), so their normalization is the same code."""
+    scale = 1 / (255 * torch.tensor(std, dtype=torch.float32, device=x.device))
+    shift = -torch.tensor(mean, dtype=torch.float32, device=x.device) * 255 * scale
+    b, c, h, w = x.shape
+    out = torch.empty(b, out_chans, h, w, dtype=torch.float32, device=x.device)
+    for k in range(out_chans):  # one fused multiply-add per channel into the output
+        torch.add(shift[k], x[:, k % c], alpha=scale[k], out=out[:, k])
+    return out
+
+
+def finish_view(x: torch.Tensor, p: torch.Tensor, view: View, mean, std,
+                out_chans: int) -> torch.Tensor:
+    """The pixel ops after the crop, in DALI's order: colour, blur, solarize, normalize."""
+    if view.has_color:
+        x = color_twist(x, p)
+    if view.blur_p > 0:
+        x = gaussian_blur(x, p[:, SIGMA], view.blur_window)
+    if view.solarize_p > 0:
+        x = solarize(x, p[:, SOLARIZE])
+    return normalize(x, mean, std, out_chans)
+
+
+def augment_arrays(images: np.ndarray, params: list[np.ndarray], views, mean, std,
+                   out_chans: int) -> list[torch.Tensor]:
+    """uint8 (B, H, W, C) and one (B, N_PARAMS) matrix per view -> normalized views."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    out = []
+    for view, p in zip(views, params, strict=True):
+        pt = torch.from_numpy(p)
+        out.append(finish_view(crop_resize(x, pt, view.size), pt, view, mean, std, out_chans))
+    return out
+
+
+def augment_crops(crops: list[list[np.ndarray]], params: list[np.ndarray], views, mean, std,
+                  out_chans: int) -> list[torch.Tensor]:
+    """crops[v][b]: uint8 (S, S[, C]) from crop_resize_pil -> normalized views."""
+    out = []
+    for view, p, cv in zip(views, params, crops, strict=True):
+        x = torch.from_numpy(np.stack([c if c.ndim == 3 else c[..., None] for c in cv]))
+        x = x.permute(0, 3, 1, 2).float()
+        out.append(finish_view(x, torch.from_numpy(p), view, mean, std, out_chans))
+    return out
