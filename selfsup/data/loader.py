@@ -44,6 +44,7 @@ from .datasets import (
 from .recipes import EVAL_CROP, Recipe, batch_rng, draw_params, get_recipe
 
 DEVICES = ("auto", "dali-gpu", "dali-cpu", "portable")
+SMALL_SIDE = 64  # arrays up to this side: 32-px default, whole-image eval, grid_sample path
 ALIASES = {"gpu": "dali-gpu", "cpu": "dali-cpu"}
 
 
@@ -94,9 +95,10 @@ def _arrays(ds: ArrayDataset, in_chans: int) -> np.ndarray:
 class Loader:
     """Iterate for (views, labels): views a list of float32 (B, C, H, W), labels int64 (B,).
 
-    len() is the number of batches of this shard per epoch; call set_epoch(e) before each
-    epoch. `skipped` counts the corrupt images skipped this epoch, `bad_files` lists every
-    file found corrupt so far.
+    len(): batches of this shard per epoch. Call set_epoch(e) before each epoch.
+    num_samples: images of this shard per epoch. view_sizes: output side of each view.
+    backend: "dali-gpu" | "dali-cpu" | "portable". recipe: the Recipe (mean, std, views).
+    skipped: corrupt images skipped this epoch; bad_files: every file found corrupt so far.
     """
 
     def __init__(self, ds, recipe: Recipe, batch_size: int, backend: str, *, num_threads: int,
@@ -124,7 +126,7 @@ class Loader:
         self.num_samples = per  # images in this shard per epoch
         self._len = per // batch_size if drop_last else math.ceil(per / batch_size)
         self.epoch = 0
-        self.bad: dict[str, str] = {}  # path -> reason, found so far
+        self.bad: dict[str, CorruptImageError] = {}  # found so far, by path
         self._skips: dict[int, str] = {}  # this epoch: shard position -> skipped path
         self._pool = None
         self._runner = None
@@ -205,7 +207,7 @@ class Loader:
 
     def _try(self, load, path):
         if path in self.bad:
-            return CorruptImageError(path, self.bad[path])
+            return self.bad[path]
         try:
             return load(path)
         except CorruptImageError as e:
@@ -218,7 +220,7 @@ class Loader:
             raise e
         if e.path not in self.bad:
             warnings.warn(f"{e}; skipping it (on_corrupt='skip')", stacklevel=3)
-            self.bad[e.path] = str(e)
+            self.bad[e.path] = e
 
     def _substitute(self, order, p: int, load):
         """The next decodable image after shard position p (cyclic): deterministic, since
@@ -241,11 +243,17 @@ class Loader:
         r = self.recipe
         if not self.files:
             images, labels, params = self._array_batch(order, i)
-            views = transforms.augment_arrays(images, params, r.views, r.mean, r.std,
-                                              r.in_chans)
-            return views, torch.from_numpy(labels)
-        load = lambda path: (lambda im: (im, (im.height, im.width)))(open_image(path, self.mode))
-        imgs, labels, params, _ = self._file_batch(order, i, load)
+            if self.hw.max() <= SMALL_SIDE:  # small: one batched grid_sample per view
+                views = transforms.augment_arrays(images, params, r.views, r.mean, r.std,
+                                                  r.in_chans)
+                return views, torch.from_numpy(labels)
+            from PIL import Image  # large arrays shrink: Pillow's antialiased resize
+
+            imgs = [Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x) for x in images]
+        else:
+            load = lambda path: (lambda im: (im, (im.height, im.width)))(
+                open_image(path, self.mode))
+            imgs, labels, params, _ = self._file_batch(order, i, load)
         crops = list(self._threads().map(
             lambda b: [transforms.crop_resize_pil(imgs[b], params[v][b], view.size)
                        for v, view in enumerate(r.views)], range(len(imgs))))
@@ -256,7 +264,7 @@ class Loader:
     # ---------------------------------------------------------------- DALI backend
     def _probe(self, path: str):
         """Encoded bytes and (h, w) of a file, checked cheaply (see the module docstring)."""
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
         try:
             data = np.fromfile(path, dtype=np.uint8)
@@ -268,6 +276,8 @@ class Loader:
 
             with Image.open(io.BytesIO(raw)) as im:
                 w, h, fmt = im.width, im.height, im.format
+        except UnidentifiedImageError:
+            raise CorruptImageError(path, "not an image format Pillow recognizes") from None
         except Exception as e:  # noqa: BLE001 - Pillow raises many types on garbage
             raise CorruptImageError(path, str(e) or type(e).__name__) from None
         tail = raw[-512:]
@@ -365,7 +375,9 @@ def build_loader(data, recipe: str, batch_size: int, *, device: str = "auto",
         ArrayDataset / ImageFolder, or a tuple (uint8 images (N, H, W[, C]), labels (N,)).
       recipe: "mocov1", "mocov2", "byol", "dino", "mae" or "eval" (deterministic, 1 view).
       device: "auto" | "dali-gpu" | "dali-cpu" | "portable" ("gpu"/"cpu" alias the DALI ones).
-      img_size: output side; None -> 32 for arrays of <= 64 px, else 224.
+      img_size: output side; None -> 32 for arrays of <= 64 px, else 224. The "eval" recipe
+        resizes such small arrays whole; folders and larger arrays get the shorter side
+        resized to img_size*256/224 and the centre img_size x img_size crop.
       num_threads: DALI / Pillow threads; None -> all cores.
       seed: None -> 0. Batches are a pure function of (seed, epoch, shard_id, batch index).
       shard_id, num_shards: this rank's disjoint, equally long shard.
@@ -391,10 +403,10 @@ def build_loader(data, recipe: str, batch_size: int, *, device: str = "auto",
         raise ValueError(f"num_threads must be >= 0 or None, got {num_threads!r}")
     backend = resolve_backend(device)
     ds = _dataset(data, in_chans)
-    files = isinstance(ds, ImageFolder)
+    large = isinstance(ds, ImageFolder) or max(ds.images.shape[1:3]) > SMALL_SIDE
     if img_size is None:
-        img_size = 224 if files or max(ds.images.shape[1:3]) > 64 else 32
-    if recipe == "eval" and files:  # shorter side to S*256/224, then the centre S x S
+        img_size = 224 if large else 32
+    if recipe == "eval" and large:  # shorter side to S*256/224, then the centre S x S
         recipe_overrides.setdefault("center_crop", EVAL_CROP)
     r = get_recipe(recipe, img_size, in_chans, **recipe_overrides)
     threads = (os.cpu_count() or 1) if num_threads is None else max(1, num_threads)

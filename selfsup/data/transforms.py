@@ -113,12 +113,11 @@ def normalize(x: torch.Tensor, mean, std, out_chans: int) -> torch.Tensor:
 
     Grey is replicated to out_chans. Both backends end here (DALI hands over uint8 HWC
     permuted to CHW), so their normalization is the same code."""
-    scale = 1 / (255 * torch.tensor(std, dtype=torch.float32, device=x.device))
-    shift = -torch.tensor(mean, dtype=torch.float32, device=x.device) * 255 * scale
     b, c, h, w = x.shape
     out = torch.empty(b, out_chans, h, w, dtype=torch.float32, device=x.device)
-    for k in range(out_chans):  # one fused multiply-add per channel into the output
-        torch.add(shift[k], x[:, k % c], alpha=scale[k], out=out[:, k])
+    for k in range(out_chans):  # x * scale + shift per channel, written into the output
+        shift = torch.tensor(-mean[k] / std[k], device=x.device)
+        torch.add(shift, x[:, k % c], alpha=1 / (255 * std[k]), out=out[:, k])
     return out
 
 
