@@ -330,24 +330,29 @@ class Loader:
 
 
 def _prefetch(make_batch, n: int, depth: int = 2):
-    """Yield make_batch(0..n-1), computed `depth` batches ahead in a background thread."""
+    """Yield make_batch(0..n-1), computed `depth` batches ahead in a background thread.
+
+    Order and content are unchanged (batch i is a pure function of i); torch and Pillow
+    release the GIL, so the next batch is built while the caller trains on this one."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+
+    def put(item) -> bool:  # False once the consumer has gone
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work():
         try:
             for i in range(n):
-                item = make_batch(i)
-                while not stop.is_set():
-                    try:
-                        q.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((True, make_batch(i))):
                     return
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put((False, e))
+            put((False, e))
 
     t = threading.Thread(target=work, daemon=True, name="selfsup-prefetch")
     t.start()
