@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -186,13 +186,6 @@ def _check_view(v: View) -> None:
             raise ValueError(f"{nm} must be (lo, hi) with 0 < lo <= hi, got {rng}")
     if v.scale is not None and v.scale[1] > 1:
         raise ValueError(f"scale must be within (0, 1], got {v.scale}")
-
-
-def with_center_crop(recipe: Recipe, fraction: float | None) -> Recipe:
-    """The same recipe with its fixed-crop views cropping `fraction` of the shorter side."""
-    views = tuple(replace(v, center_crop=fraction) if v.scale is None else v
-                  for v in recipe.views)
-    return replace(recipe, views=views)
 
 
 # ----------------------------------------------------------------------------- the draw
