@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .attention import BACKENDS as ATTN_BACKENDS
-from .attention import attention
+from .attention import BACKENDS as ATTN_BACKENDS  # (the function stays in .attention: a
+# package attribute named `attention` would shadow the submodule)
 from .export import export_state_dict, export_timm_state_dict, load_backbone_state_dict
 from .heads import MLP, DINOHead, MAEDecoder
 from .resnet import ARCHS as RESNET_ARCHS
@@ -68,7 +68,6 @@ __all__ = [
     "VIT_ARCHS",
     "ViTConfig",
     "VisionTransformer",
-    "attention",
     "build_backbone",
     "export_state_dict",
     "export_timm_state_dict",

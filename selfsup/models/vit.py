@@ -111,6 +111,7 @@ class Attention(nn.Module):
             raise ValueError(f"embed dim {dim} must be a multiple of num_heads {num_heads}")
         self.num_heads, self.backend = num_heads, check_backend(backend)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv.packed_maps = 3  # q | k | v: read by init_transformer_
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
@@ -161,20 +162,18 @@ class Block(nn.Module):
 
 
 def init_transformer_(module: nn.Module) -> None:
-    """MAE/timm-style init: xavier-uniform linears (qkv as three D x D maps), zero biases,
-    LayerNorm 1/0. Applied with `module.apply`."""
+    """MAE/timm-style init, applied with `module.apply`: xavier-uniform linears, zero biases,
+    LayerNorm 1/0. The packed qkv weight (3D, D) is three D x D maps (MoCo v3 initializes it
+    so), so its xavier bound uses fan_out D, not 3D."""
     if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
+        fan_out = module.out_features // getattr(module, "packed_maps", 1)
+        bound = math.sqrt(6.0 / (module.in_features + fan_out))
+        nn.init.uniform_(module.weight, -bound, bound)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-    elif isinstance(module, Attention):  # `apply` visits children first, so this overrides
-        # xavier on the packed (3D, D) weight would use fan_out 3D; q, k and v are three maps
-        # of fan_out D each (MoCo v3 initializes them this way), so bound by D + D.
-        d = module.qkv.in_features
-        nn.init.uniform_(module.qkv.weight, -math.sqrt(6.0 / (2 * d)), math.sqrt(6.0 / (2 * d)))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -211,17 +210,22 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
         self._pos_cache: dict[tuple, torch.Tensor] = {}  # sin-cos tables of other grids
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        if pos_embed == "sincos":
-            self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, self.grid_size))
-        else:
-            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
-        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias,
-                                          drop_path=r, attn=attn) for r in rates)
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self._init_weights()
+        device = torch.get_default_device()  # honors a `with torch.device(...)` around us
+        # Build on meta, then allocate once and run our init once: torch's default init
+        # followed by ours would write ViT-H's 630M weights twice (~10 s on a laptop CPU).
+        with torch.device("meta"):
+            self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            if pos_embed == "sincos":
+                self.register_buffer("pos_embed", torch.zeros(1, 1 + self.num_patches, embed_dim))
+            else:
+                self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
+            rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+            self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias,
+                                              drop_path=r, attn=attn) for r in rates)
+            self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.to_empty(device=device)
+        self._init_weights()  # every parameter and buffer is written here
         if frozen_patch_embed:
             self.patch_embed.requires_grad_(False)
 
@@ -241,6 +245,10 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
+        else:
+            with torch.no_grad():
+                self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, self.grid_size,
+                                                      device=self.pos_embed.device))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
