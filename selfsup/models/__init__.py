@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .attention import BACKENDS as ATTN_BACKENDS  # (the function stays in .attention: a
-# package attribute named `attention` would shadow the submodule)
+# The function `attention` is not re-exported: a package attribute of that name would shadow
+# the submodule selfsup.models.attention.
+from .attention import BACKENDS as ATTN_BACKENDS
 from .export import export_state_dict, export_timm_state_dict, load_backbone_state_dict
 from .heads import MLP, DINOHead, MAEDecoder
 from .resnet import ARCHS as RESNET_ARCHS

@@ -212,7 +212,7 @@ class VisionTransformer(nn.Module):
 
         device = torch.get_default_device()  # honors a `with torch.device(...)` around us
         # Build on meta, then allocate once and run our init once: torch's default init
-        # followed by ours would write ViT-H's 630M weights twice (~10 s on a laptop CPU).
+        # followed by ours would write ViT-H's 630M weights twice (seconds of CPU each).
         with torch.device("meta"):
             self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -279,6 +279,9 @@ class VisionTransformer(nn.Module):
         if ids_keep is None:
             tokens = tokens + pos[:, 1:]
         else:  # MAE: add pos to all L, keep (B, L_keep) rows, in one fused op
+            if ids_keep.dim() != 2 or ids_keep.shape[0] != tokens.shape[0]:
+                raise ValueError(f"ids_keep must be (B={tokens.shape[0]}, L_keep), "
+                                 f"got shape {tuple(ids_keep.shape)}")
             tokens = gather_tokens(tokens, ids_keep, pos[:, 1:])
         cls = (self.cls_token + pos[:, :1]).expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1)
