@@ -393,8 +393,10 @@ def dino_grad_scale_triton(ds, grad):
 # ----------------------------------------------------------------------------- portable path
 _SOFTMAX_OUT = torch.ops.aten._softmax.out
 _LOG_SOFTMAX_OUT = torch.ops.aten._log_softmax.out
-TORCH_BLOCK_B = 8  # batch rows per block: a (8, K) fp32 block is 2 MiB at K = 65536
-TORCH_TEACHER_ROWS = 16
+# Few, large ops: at 2 threads under CPU contention every op pays an OpenMP barrier, so the
+# op count matters as much as cache fit. A (16, K) fp32 block is 4 MiB at K = 65536.
+TORCH_BLOCK_B = 16  # batch rows per student block (measured best of 4..64 at 1 and 2 threads)
+TORCH_TEACHER_ROWS = 32
 
 
 def _exp_floor(dtype, k):
@@ -410,8 +412,9 @@ def dino_loss_fwd_torch(student_out, teacher_out, center, student_temp, teacher_
                         teacher_rows=TORCH_TEACHER_ROWS):
     """Chunked torch forward. Returns (loss, entropy, colsum, dS or None).
 
-    Peak extra memory: dS (student size, the output) + P (G*B, K) in fp32 + ~4 blocks of
-    (block_b, K). dS doubles as the scratch of the student pass (written in place).
+    Peak extra memory: dS (student size, the output) + P (G*B, K) in fp32 + 2 blocks of
+    (block_b, K) (3 for fp16/bf16). Softmaxes are written straight into dS rows, which then
+    become the gradient in place: ~7 large ops per (batch block, view).
     """
     s, t = _unit_cols(student_out), _unit_cols(teacher_out)
     (vb, k), gb = s.shape, t.shape[0]
@@ -437,22 +440,24 @@ def dino_loss_fwd_torch(student_out, teacher_out, center, student_temp, teacher_
         lsm = _LOG_SOFTMAX_OUT(z, -1, False, out=lbuf[: r1 - r0])
         p = torch.exp(lsm, out=p_all[r0:r1])
         ent -= torch.dot(p.view(-1), lsm.view(-1))  # sum over rows of sum_k P log P
+    del zbuf, lbuf
     colsum = t.sum(0, dtype=acc)
 
-    # student: per block of batch rows, per view
+    # student: per block of batch rows, per view (a contiguous row range of S and dS)
     lowp = s.dtype != acc
     ds = torch.empty_like(s, memory_format=torch.contiguous_format) if need_grad else None
     nb_max = min(block_b, b)
     xbuf = torch.empty(nb_max, k, dtype=acc, device=dev)
+    qbuf = torch.empty_like(xbuf)
     dbuf = torch.empty_like(xbuf) if (lowp or not need_grad) else None
-    lse_sum = torch.zeros((), dtype=acc, device=dev)
+    row_max = torch.empty(vb, dtype=acc, device=dev)  # max of x per student row
+    row_pmax = torch.empty(vb, dtype=acc, device=dev)  # max of softmax(x) = e^(max - LSE)
     cross = torch.zeros((), dtype=acc, device=dev)
     p3 = p_all.view(n_global, b, k)
     for b0 in range(0, b, block_b):
         b1 = min(b, b0 + block_b)
         n = b1 - b0
-        psum = p3[:, b0:b1].sum(0)  # (n, K): Q of every local view
-        qneg = psum * -scale if need_grad else None
+        qneg = torch.sum(p3[:, b0:b1], 0, out=qbuf[:n]).mul_(-scale)  # -scale Q_local
         for view in range(v):
             rows = slice(view * b + b0, view * b + b1)
             n_v = n_global - 1 if view < n_global else n_global
@@ -461,22 +466,25 @@ def dino_loss_fwd_torch(student_out, teacher_out, center, student_temp, teacher_
                 x.copy_(s[rows]).mul_(inv_ts)  # divide by tau in fp32, never in bf16
             else:
                 torch.mul(s[rows], inv_ts, out=x)
-            cr = torch.dot(psum.view(-1), x.view(-1))  # <Q, x> summed over the block
+            cr = torch.dot(qneg.view(-1), x.view(-1)) / -scale  # <sum_i P_i, x>
             if view < n_global:
                 cr = cr - torch.dot(p3[view, b0:b1].reshape(-1), x.view(-1))
             cross += cr
-            m = x.amax(-1, keepdim=True)
+            m = torch.amax(x, -1, keepdim=True, out=row_max[rows].unsqueeze(-1))
             x.clamp_(min=m + floor)
             d = ds[rows] if (need_grad and not lowp) else dbuf[:n]
             _SOFTMAX_OUT(x, -1, False, out=d)
-            # LSE = m - log p_max: p at the argmax is >= 1/K, so its log is exact enough
-            lse_sum += n_v * (m.view(-1) - d.amax(-1).log()).sum()
+            torch.amax(d, -1, out=row_pmax[rows])
             if need_grad:
                 torch.add(qneg, d, alpha=n_v * scale, out=d)  # (n_v p - sum_i P_i) * scale
                 if view < n_global:
                     d.add_(p3[view, b0:b1], alpha=scale)  # Q_v excludes the view's own P
                 if lowp:
                     ds[rows].copy_(d)
+    # LSE = max - log p_max: p at the argmax is >= 1/K, so its log is accurate
+    n_v_rows = torch.full((v, b), float(n_global), dtype=acc, device=dev)
+    n_v_rows[:n_global] -= 1
+    lse_sum = torch.dot(n_v_rows.view(-1), row_max - row_pmax.log())
     loss = (lse_sum - cross) / (b * n_pairs)
     return loss, ent / gb, colsum, ds
 
@@ -485,17 +493,17 @@ def dino_loss_fwd_torch(student_out, teacher_out, center, student_temp, teacher_
 class DINOLossFunction(torch.autograd.Function):
     """(student, teacher, center, tau_s, tau_t, n_global, backend) -> (loss, H, colsum).
 
-    The forward writes dS when the student needs a gradient; backward scales it in place.
+    Used only when the student needs a gradient: the forward writes dS, backward scales it
+    in place.
     The entropy and the column sums are non-differentiable side outputs.
     """
 
     @staticmethod
     def forward(ctx, student_out, teacher_out, center, student_temp, teacher_temp, n_global,
                 backend):
-        need_grad = bool(ctx.needs_input_grad[0])
         fwd = dino_loss_fwd_triton if backend == "triton" else dino_loss_fwd_torch
         loss, ent, colsum, ds = fwd(student_out, teacher_out.detach(), center.detach(),
-                                    student_temp, teacher_temp, n_global, need_grad)
+                                    student_temp, teacher_temp, n_global, True)
         ctx.ds, ctx.backend = ds, backend
         ctx.mark_non_differentiable(ent, colsum)
         return loss, ent, colsum
@@ -529,6 +537,10 @@ def _dino_loss_with_stats(student_out, teacher_out, center, *, student_temp=0.1,
             ent = -(logp.exp() * logp).sum(-1).mean()
             colsum = teacher_out.sum(0, dtype=acc)
         return loss, ent, colsum
+    if not (torch.is_grad_enabled() and student_out.requires_grad):  # loss only: no dS pass
+        fwd = dino_loss_fwd_triton if backend == "triton" else dino_loss_fwd_torch
+        return fwd(student_out.detach(), teacher_out.detach(), center.detach(), ts, tt,
+                   n_global, False)[:3]
     return DINOLossFunction.apply(student_out, teacher_out, center, ts, tt, n_global, backend)
 
 
