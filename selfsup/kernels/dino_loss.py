@@ -45,6 +45,7 @@ AMP are bf16). For fp16/bf16 inputs the loss and statistics are returned in fp32
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -393,10 +394,12 @@ def dino_grad_scale_triton(ds, grad):
 # ----------------------------------------------------------------------------- portable path
 _SOFTMAX_OUT = torch.ops.aten._softmax.out
 _LOG_SOFTMAX_OUT = torch.ops.aten._log_softmax.out
-# Few, large ops: at 2 threads under CPU contention every op pays an OpenMP barrier, so the
-# op count matters as much as cache fit. A (16, K) fp32 block is 4 MiB at K = 65536.
-TORCH_BLOCK_B = 16  # batch rows per student block (measured best of 4..64 at 1 and 2 threads)
-TORCH_TEACHER_ROWS = 32
+# Few, large ops. At 2 threads with another job on the machine every op waits at an OpenMP
+# barrier for a descheduled thread: measured at B=64, 2+10 crops, K=65536 with a busy core,
+# 16-row blocks took 6.1 s, 32-row 2.5 s, 64-row 1.0 s (ref 2.5 s); on a quiet core 64-row
+# blocks cost ~30% over 16 (220 vs 160 ms). A (64, K) fp32 block is 16 MiB.
+TORCH_BLOCK_B = 64  # batch rows per student block: one whole view per op at B <= 64
+TORCH_TEACHER_ROWS = 64
 
 
 def _exp_floor(dtype, k):
@@ -407,14 +410,42 @@ def _exp_floor(dtype, k):
     return math.log(torch.finfo(dtype).tiny) + math.log(k) + 20.0
 
 
+@functools.cache
+def _softmax_inplace_ok(device_type: str) -> bool:
+    """Whether aten's softmax may write over its input (the CPU and CUDA kernels finish
+    reading a row element before writing it). Checked once per device type against the
+    out-of-place result; if a torch version ever disagrees or refuses, `_softmax_` copies."""
+    try:
+        x = torch.randn(3, 3000, device=device_type) * 30
+        y = x.clone()
+        _SOFTMAX_OUT(y, -1, False, out=y)
+        return bool(torch.equal(y, torch.softmax(x, -1)))
+    except RuntimeError:
+        return False
+
+
+def _softmax_(x):
+    """x <- softmax(x) over the last dim, in place (saves a block buffer per op)."""
+    src = x if _softmax_inplace_ok(x.device.type) else x.clone()
+    return _SOFTMAX_OUT(src, -1, False, out=x)
+
+
+def _teacher_probs_(out, t_rows, c, inv_tt, floor):
+    """out <- softmax((t_rows - c) / tau_t), computed in out's dtype (fp32 before 1/tau)."""
+    z = torch.sub(t_rows, c, out=out).mul_(inv_tt)
+    z.clamp_(min=z.amax(-1, keepdim=True) + floor)
+    return _softmax_(z)
+
+
 def dino_loss_fwd_torch(student_out, teacher_out, center, student_temp, teacher_temp,
                         n_global, need_grad, *, block_b=TORCH_BLOCK_B,
                         teacher_rows=TORCH_TEACHER_ROWS):
     """Chunked torch forward. Returns (loss, entropy, colsum, dS or None).
 
-    Peak extra memory: dS (student size, the output) + P (G*B, K) in fp32 + 2 blocks of
-    (block_b, K) (3 for fp16/bf16). Softmaxes are written straight into dS rows, which then
-    become the gradient in place: ~7 large ops per (batch block, view).
+    Peak extra memory: dS (student size, the output) + sum_i P_i (B, K) in fp32 + one
+    (block_b, K) block for a global view's own P_v (+ one for fp16/bf16 or no-grad calls).
+    Each (batch block, view) of S is scaled, soft-maxed and turned into the gradient inside
+    its own dS rows: ~7 large ops.
     """
     s, t = _unit_cols(student_out), _unit_cols(teacher_out)
     (vb, k), gb = s.shape, t.shape[0]
@@ -428,57 +459,58 @@ def dino_loss_fwd_torch(student_out, teacher_out, center, student_temp, teacher_
     floor = _exp_floor(acc, k)
     c = center.detach().reshape(1, k).to(acc)
 
-    # teacher: P = softmax((t - c) / tau_t) in blocks of rows, with its entropy
-    p_all = torch.empty(gb, k, dtype=acc, device=dev)
-    zbuf = torch.empty(min(teacher_rows, gb), k, dtype=acc, device=dev)
+    # teacher: P = softmax((t - c) / tau_t) in blocks of rows; keep -scale * sum_i P_i only
+    qneg = torch.zeros(b, k, dtype=acc, device=dev)
+    tb = min(teacher_rows, b)
+    zbuf = torch.empty(tb, k, dtype=acc, device=dev)
     lbuf = torch.empty_like(zbuf)
     ent = torch.zeros((), dtype=acc, device=dev)
-    for r0 in range(0, gb, teacher_rows):
-        r1 = min(gb, r0 + teacher_rows)
-        z = torch.sub(t[r0:r1], c, out=zbuf[: r1 - r0]).mul_(inv_tt)  # fp32 before 1/tau
-        z.clamp_(min=z.amax(-1, keepdim=True) + floor)
-        lsm = _LOG_SOFTMAX_OUT(z, -1, False, out=lbuf[: r1 - r0])
-        p = torch.exp(lsm, out=p_all[r0:r1])
-        ent -= torch.dot(p.view(-1), lsm.view(-1))  # sum over rows of sum_k P log P
-    del zbuf, lbuf
+    for i in range(n_global):
+        for r0 in range(0, b, tb):
+            r1 = min(b, r0 + tb)
+            z = torch.sub(t[i * b + r0:i * b + r1], c, out=zbuf[: r1 - r0]).mul_(inv_tt)
+            z.clamp_(min=z.amax(-1, keepdim=True) + floor)
+            lsm = _LOG_SOFTMAX_OUT(z, -1, False, out=lbuf[: r1 - r0])
+            p = torch.exp(lsm, out=z)
+            ent -= torch.dot(p.view(-1), lsm.view(-1))  # sum over rows of sum_k P log P
+            qneg[r0:r1] += p
+    del zbuf, lbuf, z, lsm, p  # the student pass reuses that memory
+    qneg.mul_(-scale)
     colsum = t.sum(0, dtype=acc)
 
     # student: per block of batch rows, per view (a contiguous row range of S and dS)
     lowp = s.dtype != acc
     ds = torch.empty_like(s, memory_format=torch.contiguous_format) if need_grad else None
     nb_max = min(block_b, b)
-    xbuf = torch.empty(nb_max, k, dtype=acc, device=dev)
-    qbuf = torch.empty_like(xbuf)
-    dbuf = torch.empty_like(xbuf) if (lowp or not need_grad) else None
+    pbuf = torch.empty(nb_max, k, dtype=acc, device=dev)  # P_v of a global view
+    dbuf = torch.empty_like(pbuf) if (lowp or not need_grad) else None
     row_max = torch.empty(vb, dtype=acc, device=dev)  # max of x per student row
     row_pmax = torch.empty(vb, dtype=acc, device=dev)  # max of softmax(x) = e^(max - LSE)
     cross = torch.zeros((), dtype=acc, device=dev)
-    p3 = p_all.view(n_global, b, k)
     for b0 in range(0, b, block_b):
         b1 = min(b, b0 + block_b)
         n = b1 - b0
-        qneg = torch.sum(p3[:, b0:b1], 0, out=qbuf[:n]).mul_(-scale)  # -scale Q_local
+        q = qneg[b0:b1]
         for view in range(v):
             rows = slice(view * b + b0, view * b + b1)
             n_v = n_global - 1 if view < n_global else n_global
-            x = xbuf[:n]
-            if lowp:
-                x.copy_(s[rows]).mul_(inv_ts)  # divide by tau in fp32, never in bf16
-            else:
-                torch.mul(s[rows], inv_ts, out=x)
-            cr = torch.dot(qneg.view(-1), x.view(-1)) / -scale  # <sum_i P_i, x>
-            if view < n_global:
-                cr = cr - torch.dot(p3[view, b0:b1].reshape(-1), x.view(-1))
-            cross += cr
-            m = torch.amax(x, -1, keepdim=True, out=row_max[rows].unsqueeze(-1))
-            x.clamp_(min=m + floor)
             d = ds[rows] if (need_grad and not lowp) else dbuf[:n]
-            _SOFTMAX_OUT(x, -1, False, out=d)
+            if lowp:
+                d.copy_(s[rows]).mul_(inv_ts)  # x = s / tau in fp32, never in bf16
+            else:
+                torch.mul(s[rows], inv_ts, out=d)
+            cross += torch.dot(q.view(-1), d.view(-1)) / -scale  # <sum_i P_i, x>
+            if view < n_global:  # Q_v excludes the view's own P_v: recomputed from T
+                pv = _teacher_probs_(pbuf[:n], t[rows], c, inv_tt, floor)
+                cross -= torch.dot(pv.view(-1), d.view(-1))
+            m = torch.amax(d, -1, keepdim=True, out=row_max[rows].unsqueeze(-1))
+            d.clamp_(min=m + floor)
+            _softmax_(d)
             torch.amax(d, -1, out=row_pmax[rows])
             if need_grad:
-                torch.add(qneg, d, alpha=n_v * scale, out=d)  # (n_v p - sum_i P_i) * scale
+                torch.add(q, d, alpha=n_v * scale, out=d)  # (n_v p - sum_i P_i) * scale
                 if view < n_global:
-                    d.add_(p3[view, b0:b1], alpha=scale)  # Q_v excludes the view's own P
+                    d.add_(pv, alpha=scale)
                 if lowp:
                     ds[rows].copy_(d)
     # LSE = max - log p_max: p at the argmax is >= 1/K, so its log is accurate

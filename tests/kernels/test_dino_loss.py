@@ -96,6 +96,16 @@ def test_torch_ragged_blocks(seed):
     torch.testing.assert_close(colsum, t.sum(0), **TOL64)
 
 
+def test_torch_softmax_copy_fallback(seed, monkeypatch):
+    """The portable path soft-maxes in place when aten allows it; the copying fallback
+    (for a torch that would not) gives the same result."""
+    assert dl._softmax_inplace_ok("cpu")
+    monkeypatch.setattr(dl, "_softmax_inplace_ok", lambda device_type: False)
+    monkeypatch.setenv("SELFSUP_KERNELS", "torch")
+    s, t, c = make(4, 2, 3, 300, t_scale=3.0)
+    assert_matches_ref(s, t, c)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_finite_differences(seed, backend, path):
     backend(path)
