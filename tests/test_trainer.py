@@ -181,3 +181,16 @@ def test_resume_refuses_another_method(tmp_path, capsys):
 def test_bad_method_name_is_rejected(capsys):
     with pytest.raises(ValueError, match="--method must be one of"):
         method_class("mocov9")
+
+
+def test_knn_monitor_beyond_the_cpu_budget_is_skipped_with_a_message(tmp_path, monkeypatch,
+                                                                       capsys):
+    from selfsup.engine import trainer
+
+    monkeypatch.setattr(trainer, "KNN_CPU_BUDGET_FLOP", 1e6)  # far below any real encoder
+    cfg = config("byol", tmp_path, "--steps", "1", "--knn-every", "0")
+    summary = train(cfg)
+    assert "knn_skipped" in summary and "knn_trained" not in summary
+    captured = capsys.readouterr()
+    assert "k-NN monitor skipped" in captured.out + captured.err
+    assert read_log(Path(cfg.out), "knn") == []

@@ -23,7 +23,14 @@ from ..ssl import METHODS
 from . import checkpoint as ckpt
 from . import schedules
 from .config import Config
-from .monitors import CollapseMonitor, first_layer, grad_norm, knn_accuracy
+from .monitors import (
+    KNN_CPU_BUDGET_FLOP,
+    CollapseMonitor,
+    first_layer,
+    forward_flops,
+    grad_norm,
+    knn_accuracy,
+)
 from .optim import build_optimizer
 from .runlog import Progress, RunLogger
 
@@ -170,6 +177,17 @@ def train(cfg: Config) -> dict:
     knn_on = main and cfg.knn_every >= 0
     knn_loaders = make_knn_loaders(cfg) if knn_on else None
     summary: dict = {"run_dir": str(run_dir), "method": cfg.method, "arch": cfg.arch}
+    if knn_on and device.type == "cpu":
+        n_images = sum(len(loader) for loader in knn_loaders) * 256  # eval batches of 256
+        cost = 2 * n_images * forward_flops(method.encoder(), cfg.img_size, cfg.in_chans, device)
+        if cost > KNN_CPU_BUDGET_FLOP:
+            knn_on, knn_loaders = False, None
+            summary["knn_skipped"] = (
+                f"k-NN monitor skipped: scoring {n_images} images before and after training "
+                f"with {cfg.arch} would cost {cost / 1e12:.0f} TFLOP on CPU (budget "
+                f"{KNN_CPU_BUDGET_FLOP / 1e12:.0f}); lower --knn-train-size/--knn-test-size, "
+                "or evaluate later with python -m selfsup.eval")
+            progress.message(summary["knn_skipped"])
 
     def run_knn(tag: str) -> float:
         acc = knn_accuracy(method.encoder(), *knn_loaders, device, k=cfg.knn_k, t=cfg.knn_t,
