@@ -387,7 +387,7 @@ def _info_nce_dk_kernel(
         ok = row_ok[:, None] & key_ok[None, :]
         if SELF_MASK:
             ok = ok & (rows[:, None] != keys[None, :])
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(tl.where(ok, s - lse[:, None], float("-inf")))  # masked: exactly 0
         acc += tl.dot(tl.trans(p), q, input_precision=DOT_PREC)  # (BK, BC)
     prow = (keys + key_offset) % key_mod
     pos_ok = key_ok & (prow < N)
