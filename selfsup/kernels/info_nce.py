@@ -29,9 +29,10 @@ Paths, picked by `choose_backend` (``SELFSUP_KERNELS=triton|torch|ref`` forces o
   `_info_nce_dk_kernel` in backward when the keys need grad. fp32 accumulation; fp16/bf16 are
   upcast on load; fp64 (the interpreter's float64 tests) computes in fp64, so those
   comparisons are as tight as the portable path's. C > 512 takes the portable path.
-- "torch": portable chunked torch in the same autograd.Function. The queue is swept in chunks
-  of 4096 keys with an online max; in-batch / NT-Xent rows are swept in row chunks across the
-  full key width (exact log_softmax per chunk; dq and dk from the same probabilities).
+- "torch": portable chunked torch in the same autograd.Function. The queue is swept in key
+  chunks of ~1M logits (4096 keys at N=256, 1 thread) with an online max; in-batch / NT-Xent
+  rows are swept in row chunks across the full key width (exact log_softmax per chunk; dq and
+  dk from the same probabilities).
 - "ref": the `*_ref` functions, written like the papers (materialized logits + CE).
 
 normalize=True L2-normalizes in torch before the Function (autograd differentiates through
@@ -64,8 +65,7 @@ from ._utils import (
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-QUEUE_CHUNK = 4096  # keys per step of the portable queue sweep: an N x 4096 scratch
-ROW_CHUNK_ELEMS = 1 << 20  # logits per row chunk of the portable in-batch sweep (4 MB fp32)
+CHUNK_ELEMS = 1 << 20  # logits per step of the portable sweeps: N=256 x 4096 keys, 4 MB fp32
 TRITON_MAX_C = 512  # wider rows overflow the kernels' register tiles: portable path
 
 
@@ -493,6 +493,16 @@ def info_nce_dk(q, keys, lse2, temperature, *, self_mask, key_offset, key_mod):
 
 
 # ----------------------------------------------------------------------------- portable path
+def _chunk_elems(device: torch.device) -> int:
+    """Logits per chunk. Every large op is a fork/join of the intra-op thread team, and on a
+    shared 2-core machine each join can wait a whole time slice (ROOFLINE: chunked MoCo went
+    303 -> 1,494 ms at 2 threads), so with more than one thread (or on a GPU, per launch) the
+    chunks are 4x larger: 16 MB of fp32 logits instead of 4 MB, a quarter of the ops."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return CHUNK_ELEMS
+    return 4 * CHUNK_ELEMS
+
+
 def _queue_sweep_torch(q, k, queue, temperature, *, compute_dq):
     """MoCo queue loss in key chunks with an online max; never materializes N x K.
 
@@ -506,9 +516,10 @@ def _queue_sweep_torch(q, k, queue, temperature, *, compute_dq):
     pos = (qs * kp).sum(1)  # (N,) positive logits
     m, l = pos.clone(), torch.ones_like(pos)  # the positive starts the running sums  # noqa: E741
     acc = kp.clone() if compute_dq else None  # sum_j exp(s_j - m) key_j, positive included
-    buf = torch.empty(len(q), min(QUEUE_CHUNK, len(queue)), device=q.device, dtype=acc_dt)
-    for start in range(0, len(queue), QUEUE_CHUNK):
-        chunk = queue[start:start + QUEUE_CHUNK].to(acc_dt)  # (Kc, C), a view when fp32
+    step = max(1, min(len(queue), _chunk_elems(q.device) // len(q)))
+    buf = torch.empty(len(q), step, device=q.device, dtype=acc_dt)
+    for start in range(0, len(queue), step):
+        chunk = queue[start:start + step].to(acc_dt)  # (Kc, C), a view when fp32
         s = torch.mm(qs, chunk.T, out=buf[:, :len(chunk)])  # (N, Kc)
         m_new = torch.maximum(m, s.amax(1))
         s.sub_(m_new[:, None]).exp_()
@@ -534,7 +545,7 @@ def _rows_sweep_torch(q, keys, temperature, pos_idx, *, self_mask, compute_dq, c
     qc, kc = q.to(acc_dt), keys.to(acc_dt)
     qs = qc * (1.0 / temperature)
     (n, c), m = q.shape, keys.shape[0]
-    rows = max(1, min(n, ROW_CHUNK_ELEMS // m))
+    rows = max(1, min(n, _chunk_elems(q.device) // m))
     loss = torch.empty(n, device=q.device, dtype=acc_dt)
     dq = torch.empty(n, c, device=q.device, dtype=acc_dt) if compute_dq else None
     dk = torch.zeros(m, c, device=q.device, dtype=acc_dt) if compute_dk else None
