@@ -190,9 +190,10 @@ _DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _cfg(kernel: str, label: str, dt: str, block_c: int, *, default: bool = False,
-         **flags) -> KernelConfig:
-    """A production configuration, exactly as `_kernel_params` picks it for dtype `dt`."""
-    prec = _dot_precision(_DT[dt])
+         prec: str | None = None, **flags) -> KernelConfig:
+    """A production configuration, exactly as `_kernel_params` picks it for dtype `dt`
+    (`prec` overrides the input precision, e.g. fp32 under allow_tf32)."""
+    prec = prec or _dot_precision(_DT[dt])
     bn, bk, warps = _tiles(kernel, block_c, prec)
     const = dict(BLOCK_N=bn, BLOCK_C=block_c, CDT=tl.float32, **flags)
     if kernel != "merge":
@@ -271,6 +272,8 @@ register_kernel(
              COMPUTE_DQ=True),
         _cfg("fwd", "fp16 C128 queue", "fp16", 128, SELF_MASK=False, COMPUTE_DQ=True),
         _cfg("fwd", "fp32 C128 nt-xent", "fp32", 128, SELF_MASK=True, COMPUTE_DQ=True),
+        _cfg("fwd", "fp32 C128 allow_tf32 queue", "fp32", 128, prec="tf32", SELF_MASK=False,
+             COMPUTE_DQ=True),
         _cfg("fwd", "bf16 C256 in-batch", "bf16", 256, SELF_MASK=False, COMPUTE_DQ=True),
     ],
 )
@@ -586,9 +589,19 @@ class InfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, keys, pos, temperature, mode, offset, backend, need_dq, need_dk,
                 need_dpos):
-        n, m = len(q), len(keys)
         ctx.set_materialize_grads(False)
-        ctx.meta = (mode, n, temperature, backend, offset)
+        ctx.meta = (mode, len(q), temperature, backend, offset)
+        # the sweeps pick their own precision: autocast must not recast their GEMMs
+        with torch.autocast(q.device.type, enabled=False):
+            loss, saved = InfoNCEFunction._sweep(q, keys, pos, temperature, mode, offset,
+                                                 backend, need_dq, need_dk, need_dpos)
+        ctx.save_for_backward(*saved)
+        return loss
+
+    @staticmethod
+    def _sweep(q, keys, pos, temperature, mode, offset, backend, need_dq, need_dk, need_dpos):
+        """(mean loss, tensors for backward: dq, coef, q, keys or dk, lse)."""
+        n, m = len(q), len(keys)
         if backend == "triton":
             if mode == "queue":
                 loss, lse, dq, coef = info_nce_fwd(
@@ -598,22 +611,22 @@ class InfoNCEFunction(torch.autograd.Function):
                 loss, lse, dq, coef = info_nce_fwd(
                     q, keys, keys, temperature, self_mask=mode == "nt_xent", extra_pos=False,
                     pos_offset=offset, pos_mod=m, compute_dq=need_dq)
-            dk = None  # key gradients come from their own sweep in backward
-            ctx.save_for_backward(dq, coef, q if need_dk or need_dpos else None,
-                                  keys if need_dk else None, lse if need_dk else None)
+            # key gradients come from their own sweep in backward
+            saved = (dq, coef, q if need_dk or need_dpos else None, keys if need_dk else None,
+                     lse if need_dk else None)
         else:
             if mode == "queue":
                 loss, dq, coef = _queue_sweep_torch(q, pos, keys, temperature,
                                                     compute_dq=need_dq)
-                dk = None
+                dk = None  # the queue takes no gradient
             else:
                 pos_idx = (torch.arange(n, device=q.device) + offset) % m
                 loss, dq, dk = _rows_sweep_torch(
                     q, keys, temperature, pos_idx, self_mask=mode == "nt_xent",
                     compute_dq=need_dq, compute_dk=need_dk)
                 coef = None
-            ctx.save_for_backward(dq, coef, q if need_dpos else None, dk, None)
-        return loss.mean()
+            saved = (dq, coef, q if need_dpos else None, dk, None)
+        return loss.mean(), saved
 
     @staticmethod
     def backward(ctx, grad):

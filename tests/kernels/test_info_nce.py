@@ -189,6 +189,23 @@ def test_mixed_dtypes_are_promoted(seed, monkeypatch, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_recast_the_sweeps(seed, monkeypatch, backend):
+    """Under CPU autocast the fp32 inputs are still computed in fp32 (the GEMMs inside the
+    Function would otherwise run in bf16, or fail on their fp32 out= buffers)."""
+    z1, z2 = make("nt_xent", 12, 32, dtype=torch.float32)
+    z1.requires_grad_(True)
+    monkeypatch.setenv("SELFSUP_KERNELS", backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nt_xent(z1, z2, 0.1)
+    (g,) = torch.autograd.grad(loss, [z1])
+    want = nt_xent_ref(z1.double(), z2.double(), 0.1)
+    (g_want,) = torch.autograd.grad(want, [z1])
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g_want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", list(OPS))
 def test_gradcheck_tiny(seed, monkeypatch, backend, kind):
     fused, _, names = OPS[kind]
