@@ -428,8 +428,11 @@ def _sm_count(index: int) -> int:
 
 
 def _splits(row_blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
-    """(number of key splits, tiles per split): about one wave of programs on the GPU so a
-    small N still fills it; three under the interpreter, which keeps the merge exercised."""
+    """(number of key splits, tiles per split): about one wave of programs on the GPU, so a
+    small N still fills it (MoCo's N=256: 4 row blocks x 33 splits); three under the
+    interpreter, which keeps the merge exercised. The price is S x N x C fp32 of dq partials
+    (4.2 MB at N=256, C=128 on 132 SMs), over ROOFLINE's 1 MB goal; fewer splits trade it
+    for idle SMs."""
     if device.type == "cuda" and not interpreting():
         want = cdiv(_sm_count(device.index or 0), row_blocks)
     else:
