@@ -706,6 +706,7 @@ def masked_patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix, need_grad):
 
 # ============================================================================ portable path
 LOSS_CHUNK_PIXELS = 1 << 19  # masked pixels per chunk: ~2 MB fp32 temporaries, cache sized
+TOKEN_CHUNK_ELEMENTS = 1 << 18  # pos rows added per step in the gather (1 MB fp32)
 
 
 def _batch_rows(ids, stride):
@@ -715,14 +716,21 @@ def _batch_rows(ids, stride):
 
 
 def _gather_fwd_torch(x, ids_keep, pos_embed):
-    bidx = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+    b = x.shape[0]
+    bidx = torch.arange(b, device=x.device).unsqueeze(1)
     ids = ids_keep.long()
     out = x[bidx, ids]  # (B, L_keep, D): reads only the kept rows, any layout of x
     if pos_embed is None:
         return out
-    pos = pos_embed[0][ids]  # (B, L_keep, D)
-    return out.add_(pos) if out.dtype == torch.promote_types(out.dtype, pos.dtype) \
-        else out + pos
+    dt = torch.promote_types(out.dtype, pos_embed.dtype)
+    out = out.to(dt)
+    pos = pos_embed[0]
+    # add the selected pos rows a few images at a time: cache-sized temporaries, never a
+    # second (B, L_keep, D) buffer
+    step = max(1, TOKEN_CHUNK_ELEMENTS // max(1, ids.shape[1] * x.shape[2]))
+    for i in range(0, b, step):
+        out[i:i + step] += pos[ids[i:i + step]]
+    return out
 
 
 def _gather_bwd_torch(g, ids_keep, x_shape, x_dtype, pos_dtype, need_pos, deterministic):
@@ -730,10 +738,7 @@ def _gather_bwd_torch(g, ids_keep, x_shape, x_dtype, pos_dtype, need_pos, determ
     acc = _acc_dtype(g.dtype, x_dtype)
     rows = _batch_rows(ids_keep, length)
     g2 = g.reshape(-1, d)
-    keep = torch.zeros(b * length, dtype=torch.bool, device=g.device)
-    keep[rows] = True
-    dx = torch.empty(b * length, d, device=g.device, dtype=x_dtype)
-    dx.index_fill_(0, (~keep).nonzero().squeeze(1), 0)  # every row written exactly once
+    dx = torch.zeros(b * length, d, device=g.device, dtype=x_dtype)
     dx.index_copy_(0, rows, g2.to(x_dtype))
     dpos = None
     if need_pos:
@@ -790,19 +795,38 @@ def _scatter_bwd_torch(g, ids_restore, x_shape, x_dtype, n_prefix, need_pos):
     return vis.to(x_dtype), dtok, dpos
 
 
+def _patch_rows(imgs, p):
+    """(flat rows view, per-patch row offsets (R,), channel-interleaved?) for gathering patches
+    as whole contiguous pixel rows with one index_select.
+
+    NCHW memory: rows of p pixels of one channel, a patch is C·p rows in (c, i) order (its
+    vector needs a (c, i, j) -> (i, j, c) interleave later). NHWC (channels_last) memory: rows
+    of p·C values, a patch is p rows already in the (i, j, c) order of `pred`.
+    """
+    b, c, h, w = imgs.shape
+    gw = w // p
+    if c > 1 and imgs.is_contiguous(memory_format=torch.channels_last):
+        flat = imgs.permute(0, 2, 3, 1).reshape(b * h * gw, p * c)  # a view
+        offs = torch.arange(p, device=imgs.device) * gw  # row i of the patch
+        return flat, offs, False
+    flat = imgs.contiguous().view(b * c * h * gw, p)  # a view unless imgs is oddly strided
+    ci = torch.arange(c, device=imgs.device).unsqueeze(1) * h + torch.arange(p, device=imgs.device)
+    return flat, (ci * gw).reshape(-1), c > 1
+
+
 def _loss_fwd_torch(pred, imgs, mask, patch_size, norm_pix, need_grad):
     b, c, h, w = imgs.shape
     p = patch_size
     length, p_dim = pred.shape[1], pred.shape[2]
     gw = w // p
     acc = _acc_dtype(pred.dtype, imgs.dtype)
-    # (B, GH, GW, p, p, C): the official patchify as a strided view, never materialized
-    patches = imgs.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 4, 5, 1)
+    flat, offs, interleave = _patch_rows(imgs, p)
+    rows_per_image = flat.shape[0] // b
     pred2 = pred.reshape(b * length, p_dim)
     wts = mask.reshape(-1).to(acc)
     denom = wts.sum().clamp_min(1)
     rows = wts.nonzero().squeeze(1)  # masked patches only, in memory order
-    scale = wts * (2.0 / p_dim) / denom  # d grad / d diff per patch
+    scale = wts * (2.0 / p_dim) / denom  # d loss / d diff per patch
     grad = None
     if need_grad:
         grad = torch.empty(b * length, p_dim, device=pred.device, dtype=pred.dtype)
@@ -811,13 +835,20 @@ def _loss_fwd_torch(pred, imgs, mask, patch_size, norm_pix, need_grad):
     chunk = max(1, LOSS_CHUNK_PIXELS // p_dim)
     for rc in rows.split(chunk):
         bi, li = rc // length, rc % length
-        t = patches[bi, li // gw, li % gw].reshape(-1, p_dim).to(acc)  # (n, P) copy
-        if norm_pix:
+        gh = li // gw
+        first = bi * rows_per_image + (gh * p * gw + (li - gh * gw))  # row (b, c=0, i=0)
+        t = flat.index_select(0, (first.unsqueeze(1) + offs).reshape(-1)).view(-1, p_dim)
+        t = t.to(acc)
+        if norm_pix:  # statistics do not depend on the pixel order
             t -= t.mean(-1, keepdim=True)
-            var = torch.linalg.vecdot(t, t) / (p_dim - 1)
-            t *= (var + NORM_PIX_EPS).rsqrt().unsqueeze(1)
-        diff = pred2.index_select(0, rc).to(acc).sub_(t)
-        total += torch.dot(torch.linalg.vecdot(diff, diff), wts[rc])
+            var = torch.linalg.vector_norm(t, dim=-1).square_() / (p_dim - 1)
+            t *= (var + NORM_PIX_EPS).rsqrt_().unsqueeze(1)
+        diff = pred2.index_select(0, rc).to(acc)
+        if interleave:  # (c, i, j) -> (i, j, c), folded into the subtraction
+            diff.view(-1, p * p, c).sub_(t.view(-1, c, p * p).transpose(1, 2))
+        else:
+            diff.sub_(t)
+        total += torch.dot(torch.linalg.vector_norm(diff, dim=-1).square_(), wts[rc])
         if need_grad:
             grad.index_copy_(0, rc, diff.mul_(scale[rc].unsqueeze(1)).to(pred.dtype))
     loss = total / (p_dim * denom)
@@ -886,7 +917,21 @@ class MaskedPatchLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return grad * g, None, None, None, None, None, None  # a 0-dim g keeps grad's dtype
+        # The first backward scales the saved gradient in place: no second (B, L, P) buffer
+        # (on CPU a fresh buffer's page faults cost as much as the whole scaling pass). `.data`
+        # keeps autograd's version counter unchanged, so a repeated backward through a retained
+        # graph (gradcheck, retain_graph=True) can undo the first upstream by a ratio.
+        applied = getattr(ctx, "applied", None)
+        if applied is None:
+            ctx.applied = g.detach().clone()
+            out = grad.data.mul_(g)  # a 0-dim g keeps grad's dtype
+        else:
+            if not bool(torch.isfinite(applied) & (applied != 0)):
+                raise RuntimeError("masked_patch_loss: a repeated backward after an upstream "
+                                   f"gradient of {applied.item()} cannot be recovered; "
+                                   "recompute the loss")
+            out = grad * (g / applied)
+        return out, None, None, None, None, None, None
 
 
 # ============================================================================ public API

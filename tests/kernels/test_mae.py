@@ -368,3 +368,23 @@ def test_validation_errors_name_the_argument():
     for arg, fn in raises:
         with pytest.raises(ValueError, match=arg):
             fn()
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_masked_patch_loss_repeated_backward(seed, backend, backend_name):
+    """The saved gradient is scaled in place by the first backward; a second backward through
+    a retained graph must still be right, and an unrecoverable one must raise."""
+    backend(backend_name)
+    _, _, mask = M.random_masking(B, 6, 0.5)
+    imgs = torch.randn(B, 3, 32, 48, dtype=torch.float64)
+    pred = torch.randn(B, 6, 768, dtype=torch.float64, requires_grad=True)
+    loss = M.masked_patch_loss(pred, imgs, mask, 16)
+    (ref,) = grads(M.masked_patch_loss_ref(pred, imgs, mask, 16), (pred,), None)
+    for up in (1.7, -0.3):
+        (g,) = torch.autograd.grad(loss, pred, torch.tensor(up, dtype=torch.float64),
+                                   retain_graph=True)
+        torch.testing.assert_close(g, ref * up, **TOL64)
+    loss = M.masked_patch_loss(pred, imgs, mask, 16)
+    torch.autograd.grad(loss, pred, torch.tensor(0.0, dtype=torch.float64), retain_graph=True)
+    with pytest.raises(RuntimeError, match="recompute the loss"):
+        torch.autograd.grad(loss, pred)
