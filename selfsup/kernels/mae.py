@@ -705,7 +705,7 @@ def masked_patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix, need_grad):
 
 
 # ============================================================================ portable path
-LOSS_CHUNK_PIXELS = 1 << 19  # masked pixels per chunk: ~2 MB fp32 temporaries, cache sized
+LOSS_CHUNK_PIXELS = 1 << 20  # masked pixels per chunk and thread: 4 MB fp32 temporaries
 TOKEN_CHUNK_ELEMENTS = 1 << 18  # pos rows added per step in the gather (1 MB fp32)
 
 
@@ -727,7 +727,7 @@ def _gather_fwd_torch(x, ids_keep, pos_embed):
     pos = pos_embed[0]
     # add the selected pos rows a few images at a time: cache-sized temporaries, never a
     # second (B, L_keep, D) buffer
-    step = max(1, TOKEN_CHUNK_ELEMENTS // max(1, ids.shape[1] * x.shape[2]))
+    step = _chunk(ids.shape[1] * x.shape[2], TOKEN_CHUNK_ELEMENTS)
     for i in range(0, b, step):
         out[i:i + step] += pos[ids[i:i + step]]
     return out
@@ -814,6 +814,12 @@ def _patch_rows(imgs, p):
     return flat, (ci * gw).reshape(-1), c > 1
 
 
+def _chunk(elements_per_item, budget):
+    """Items per chunk: `budget` elements per thread (each thread gets a cache-sized slab, and
+    fewer, larger ops keep a contended 2-thread machine from stalling at every op's barrier)."""
+    return max(1, budget * torch.get_num_threads() // max(1, elements_per_item))
+
+
 def _loss_fwd_torch(pred, imgs, mask, patch_size, norm_pix, need_grad):
     b, c, h, w = imgs.shape
     p = patch_size
@@ -821,37 +827,38 @@ def _loss_fwd_torch(pred, imgs, mask, patch_size, norm_pix, need_grad):
     gw = w // p
     acc = _acc_dtype(pred.dtype, imgs.dtype)
     flat, offs, interleave = _patch_rows(imgs, p)
-    rows_per_image = flat.shape[0] // b
     pred2 = pred.reshape(b * length, p_dim)
     wts = mask.reshape(-1).to(acc)
     denom = wts.sum().clamp_min(1)
     rows = wts.nonzero().squeeze(1)  # masked patches only, in memory order
-    scale = wts * (2.0 / p_dim) / denom  # d loss / d diff per patch
+    # per masked patch, all at once: its first pixel row, weight and gradient scale
+    bi, li = rows // length, rows % length
+    gh = li // gw
+    first = bi * (flat.shape[0] // b) + gh * (p * gw) + (li - gh * gw)
+    w_rows = wts[rows]
+    scale = (w_rows * (2.0 / p_dim) / denom).unsqueeze(1)  # d loss / d diff
+    sq = torch.empty(rows.numel(), device=pred.device, dtype=acc)  # |diff| per patch
     grad = None
     if need_grad:
         grad = torch.empty(b * length, p_dim, device=pred.device, dtype=pred.dtype)
         grad.index_fill_(0, (wts == 0).nonzero().squeeze(1), 0)
-    total = torch.zeros((), device=pred.device, dtype=acc)
-    chunk = max(1, LOSS_CHUNK_PIXELS // p_dim)
-    for rc in rows.split(chunk):
-        bi, li = rc // length, rc % length
-        gh = li // gw
-        first = bi * rows_per_image + (gh * p * gw + (li - gh * gw))  # row (b, c=0, i=0)
-        t = flat.index_select(0, (first.unsqueeze(1) + offs).reshape(-1)).view(-1, p_dim)
-        t = t.to(acc)
+    step = _chunk(p_dim, LOSS_CHUNK_PIXELS)
+    for i in range(0, rows.numel(), step):
+        j = min(i + step, rows.numel())
+        t = flat.index_select(0, (first[i:j, None] + offs).view(-1)).view(-1, p_dim).to(acc)
         if norm_pix:  # statistics do not depend on the pixel order
             t -= t.mean(-1, keepdim=True)
-            var = torch.linalg.vector_norm(t, dim=-1).square_() / (p_dim - 1)
-            t *= (var + NORM_PIX_EPS).rsqrt_().unsqueeze(1)
-        diff = pred2.index_select(0, rc).to(acc)
+            var = torch.linalg.vector_norm(t, dim=-1, keepdim=True).square_().div_(p_dim - 1)
+            t *= var.add_(NORM_PIX_EPS).rsqrt_()
+        diff = pred2.index_select(0, rows[i:j]).to(acc)
         if interleave:  # (c, i, j) -> (i, j, c), folded into the subtraction
             diff.view(-1, p * p, c).sub_(t.view(-1, c, p * p).transpose(1, 2))
         else:
             diff.sub_(t)
-        total += torch.dot(torch.linalg.vector_norm(diff, dim=-1).square_(), wts[rc])
+        torch.linalg.vector_norm(diff, dim=-1, out=sq[i:j])
         if need_grad:
-            grad.index_copy_(0, rc, diff.mul_(scale[rc].unsqueeze(1)).to(pred.dtype))
-    loss = total / (p_dim * denom)
+            grad.index_copy_(0, rows[i:j], diff.mul_(scale[i:j]).to(pred.dtype))
+    loss = torch.dot(sq.square_(), w_rows) / (p_dim * denom)
     return loss, (grad.view(b, length, p_dim) if need_grad else None)
 
 
