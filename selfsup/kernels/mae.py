@@ -706,7 +706,7 @@ def masked_patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix, need_grad):
 
 # ============================================================================ portable path
 LOSS_CHUNK_PIXELS = 1 << 20  # masked pixels per chunk and thread: 4 MB fp32 temporaries
-TOKEN_CHUNK_ELEMENTS = 1 << 18  # pos rows added per step in the gather (1 MB fp32)
+TOKEN_CHUNK_ELEMENTS = 1 << 20  # pos elements added per step and thread in the gather
 
 
 def _batch_rows(ids, stride):
@@ -835,6 +835,8 @@ def _loss_fwd_torch(pred, imgs, mask, patch_size, norm_pix, need_grad):
     bi, li = rows // length, rows % length
     gh = li // gw
     first = bi * (flat.shape[0] // b) + gh * (p * gw) + (li - gh * gw)
+    src = (first.unsqueeze(1) + offs).view(-1)  # every pixel row of every masked patch
+    per = offs.numel()
     w_rows = wts[rows]
     scale = (w_rows * (2.0 / p_dim) / denom).unsqueeze(1)  # d loss / d diff
     sq = torch.empty(rows.numel(), device=pred.device, dtype=acc)  # |diff| per patch
@@ -845,7 +847,7 @@ def _loss_fwd_torch(pred, imgs, mask, patch_size, norm_pix, need_grad):
     step = _chunk(p_dim, LOSS_CHUNK_PIXELS)
     for i in range(0, rows.numel(), step):
         j = min(i + step, rows.numel())
-        t = flat.index_select(0, (first[i:j, None] + offs).view(-1)).view(-1, p_dim).to(acc)
+        t = flat.index_select(0, src[i * per:j * per]).view(-1, p_dim).to(acc)
         if norm_pix:  # statistics do not depend on the pixel order
             t -= t.mean(-1, keepdim=True)
             var = torch.linalg.vector_norm(t, dim=-1, keepdim=True).square_().div_(p_dim - 1)
