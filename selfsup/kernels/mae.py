@@ -165,12 +165,10 @@ def _check_patch_size(p, hw):
         raise ValueError(f"patch_size {p} must divide the image height and width, got {h}x{w}")
 
 
-def _check_ids(name, ids, batch, cols=None, max_cols=None, upper=None):
+def _check_ids(name, ids, batch, max_cols=None, upper=None):
     check_tensor(name, ids, ndim=2, dtypes=INDEX_DTYPES)
     if ids.shape[0] != batch:
         raise ValueError(f"{name} must have {batch} rows (the batch), got shape {tuple(ids.shape)}")
-    if cols is not None and ids.shape[1] != cols:
-        raise ValueError(f"{name} must have shape ({batch}, {cols}), got {tuple(ids.shape)}")
     if max_cols is not None and ids.shape[1] > max_cols:
         raise ValueError(f"{name} has {ids.shape[1]} columns, more than the {max_cols} tokens")
     # a range check reads the indices back: free on CPU, a synchronization on CUDA (skipped)
