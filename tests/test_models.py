@@ -355,3 +355,13 @@ def test_resnet_cifar_stem_and_zero_init(seed):
     zi = ResNet.from_name("resnet50", zero_init_residual=True)
     assert not zi.layer1[0].bn3.weight.any() and zi.layer1[0].bn1.weight.all()
     assert net.eval()(torch.randn(2, 1, 16, 16).expand(-1, 3, -1, -1)).shape == (2, 256)
+
+
+def test_global_pool_avg_returns_the_mean_patch_token():
+    vit = build_backbone("vit_tiny", img_size=16, patch_size=4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        tokens = vit.forward_features(x)
+        assert torch.equal(vit(x), tokens[:, 0])
+        vit.global_pool = "avg"
+        torch.testing.assert_close(vit(x), tokens[:, 1:].mean(1))

@@ -86,6 +86,8 @@ def test_mae_masks_three_quarters(tmp_path):
     cfg = config("mae", tmp_path, "--steps", "2")
     train(cfg)
     assert all(r["masked_fraction"] == pytest.approx(0.75) for r in read_log(Path(cfg.out)))
+    method, _, _ = ckpt.load_method(cfg.out)
+    assert method.encoder().global_pool == "avg"  # features: mean patch token, not cls
 
 
 # ----------------------------------------------------------------------------- resume

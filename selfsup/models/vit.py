@@ -208,6 +208,9 @@ class VisionTransformer(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.pos_embed_type = pos_embed
         self.grad_checkpointing = False
+        # What forward() returns, as timm's `global_pool`: "token" (the cls token) or "avg"
+        # (mean of the patch tokens, after the final norm).
+        self.global_pool = "token"
         self._pos_cache: dict[tuple, torch.Tensor] = {}  # sin-cos tables of other grids
 
         device = torch.get_default_device()  # honors a `with torch.device(...)` around us
@@ -305,7 +308,8 @@ class VisionTransformer(nn.Module):
         return self.norm(self._run_blocks(self._tokens(x, ids_keep), self.blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D)
-        return self.forward_features(x)[:, 0]
+        tokens = self.forward_features(x)
+        return tokens[:, 1:].mean(1) if self.global_pool == "avg" else tokens[:, 0]
 
     @torch.no_grad()
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:

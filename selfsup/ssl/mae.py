@@ -31,6 +31,9 @@ class MAE(Method):
         if not is_vit(cfg.arch):
             raise ValueError(f"MAE needs a ViT backbone (--arch vit_*), got --arch {cfg.arch}")
         self.backbone = build_encoder(cfg)
+        # The loss never reaches the cls token (it only attends), so MAE's features are the
+        # mean of the patch tokens, as in its fine-tuning recipe (global_pool=True).
+        self.backbone.global_pool = "avg"
         small = cfg.img_size <= 64
         dec_dim = cfg.decoder_dim or (128 if small else 512)
         depth = cfg.decoder_depth or (2 if small else 8)
