@@ -72,13 +72,17 @@ def make_train_loader(cfg: Config, recipe: str, recipe_kwargs: dict):
                         in_chans=cfg.in_chans, **recipe_kwargs)
 
 
+KNN_BATCH = 256  # images per k-NN feature-extraction batch
+
+
 def make_knn_loaders(cfg: Config):
     """Deterministic single-view loaders over a train subset (memory) and the test split."""
     train = subset(load_dataset(cfg.data, "train"), cfg.knn_train_size, cfg.seed)
     test = subset(load_dataset(cfg.test_data or cfg.data, "test"), cfg.knn_test_size, cfg.seed)
     kw = dict(device=cfg.data_device, img_size=cfg.img_size, num_threads=cfg.workers,
               drop_last=False, in_chans=cfg.in_chans, seed=cfg.seed)
-    return build_loader(train, "eval", 256, **kw), build_loader(test, "eval", 256, **kw)
+    return (build_loader(train, "eval", KNN_BATCH, **kw),
+            build_loader(test, "eval", KNN_BATCH, **kw))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -178,7 +182,7 @@ def train(cfg: Config) -> dict:
     knn_loaders = make_knn_loaders(cfg) if knn_on else None
     summary: dict = {"run_dir": str(run_dir), "method": cfg.method, "arch": cfg.arch}
     if knn_on and device.type == "cpu":
-        n_images = sum(len(loader) for loader in knn_loaders) * 256  # eval batches of 256
+        n_images = sum(len(loader) for loader in knn_loaders) * KNN_BATCH
         cost = 2 * n_images * forward_flops(method.encoder(), cfg.img_size, cfg.in_chans, device)
         if cost > KNN_CPU_BUDGET_FLOP:
             knn_on, knn_loaders = False, None
