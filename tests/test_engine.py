@@ -1,5 +1,6 @@
 """Engine parts that need no model: config, schedules, optimizers, checkpoints, monitors."""
 
+import json
 import math
 import random
 import warnings
@@ -205,3 +206,23 @@ def test_first_layer_and_grad_norm():
     m[2].weight.grad = torch.full((2, 4), 2.0)
     m[2].bias.grad = torch.zeros(2)
     assert grad_norm(m[2].parameters()) == pytest.approx(math.sqrt(8 * 4))
+
+
+def test_crop_scale_reaches_the_recipe_and_is_checked():
+    from selfsup.data import get_recipe
+    from selfsup.ssl import METHODS
+
+    def cfg_for(method, *flags):
+        return resolve(vars(build_parser().parse_args(["--method", method, *flags])),
+                       METHODS[method].preset)
+
+    byol = cfg_for("byol", "--crop-scale", "0.5", "1.0")
+    kw = METHODS["byol"].recipe_kwargs(byol)
+    assert kw == {"scale": (0.5, 1.0)}
+    assert all(v.scale == (0.5, 1.0) for v in get_recipe("byol", 16, **kw).views)
+    dino = METHODS["dino"].recipe_kwargs(cfg_for("dino", "--crop-scale", "0.6", "1"))
+    assert dino["global_scale"] == (0.6, 1.0)
+    assert METHODS["mocov2"].recipe_kwargs(cfg_for("mocov2")) == {}  # the paper's range
+    with pytest.raises(ValueError, match="--crop-scale"):
+        METHODS["simclr"].recipe_kwargs(cfg_for("simclr", "--crop-scale", "0.9", "0.2"))
+    assert Config.from_dict(json.loads(json.dumps(byol.to_dict()))).crop_scale == (0.5, 1.0)

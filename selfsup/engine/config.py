@@ -62,6 +62,8 @@ class Config:
     decoder_dim: int | None = None  # MAE decoder width
     decoder_depth: int | None = None  # MAE decoder blocks
     shuffle_bn: bool | None = None  # MoCo v1/v2 shuffle BN (emulated on one process)
+    # ---------------------------------------------------------------- augmentation
+    crop_scale: tuple[float, float] | None = None  # random-resized-crop area (DINO: global)
     # ---------------------------------------------------------------- runtime
     device: str = "auto"  # auto | cpu | cuda
     data_device: str = "auto"  # loader: auto | dali-gpu | dali-cpu | portable
@@ -97,8 +99,9 @@ class Config:
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         d = dict(d)
-        if isinstance(d.get("betas"), list):
-            d["betas"] = tuple(d["betas"])
+        for key in ("betas", "crop_scale"):  # JSON has no tuples
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
         return cls(**d)
 
 

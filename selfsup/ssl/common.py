@@ -29,8 +29,8 @@ class Method(nn.Module):
 
     @classmethod
     def recipe_kwargs(cls, cfg) -> dict:
-        """Extra build_loader arguments (e.g. DINO's number of local crops)."""
-        return {}
+        """Extra build_loader arguments: --crop-scale (DINO adds its number of local crops)."""
+        return crop_scale_kwargs(cfg, "scale")
 
     def param_groups(self, cfg) -> list[dict]:
         return split_decay(self.named_parameters())
@@ -44,6 +44,17 @@ class Method(nn.Module):
 
 
 # ----------------------------------------------------------------------------- building
+def crop_scale_kwargs(cfg, name: str) -> dict:
+    """{name: --crop-scale} for the recipe, or {} to keep the paper's range."""
+    if cfg.crop_scale is None:
+        return {}
+    lo, hi = cfg.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"--crop-scale must be two area fractions 0 < MIN <= MAX <= 1, "
+                         f"got {lo} {hi}")
+    return {name: (float(lo), float(hi))}
+
+
 def split_decay(named_params, **extra) -> list[dict]:
     """Two groups: weights with decay, and biases/norm parameters (ndim <= 1) without."""
     decay, no_decay = [], []

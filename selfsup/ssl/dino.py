@@ -24,7 +24,16 @@ import torch
 
 from ..kernels import DINOLoss, teacher_temp_schedule
 from ..models.heads import DINOHead
-from .common import Method, build_encoder, ema_update, frozen_copy, is_vit, momentum_at, split_decay
+from .common import (
+    Method,
+    build_encoder,
+    crop_scale_kwargs,
+    ema_update,
+    frozen_copy,
+    is_vit,
+    momentum_at,
+    split_decay,
+)
 
 
 def multicrop_forward(backbone, head, views: list[torch.Tensor]) -> torch.Tensor:
@@ -66,7 +75,7 @@ class DINO(Method):
 
     @classmethod
     def recipe_kwargs(cls, cfg) -> dict:
-        return {"n_local": cfg.n_local}
+        return {"n_local": cfg.n_local, **crop_scale_kwargs(cfg, "global_scale")}
 
     def forward(self, views: list[torch.Tensor]) -> dict:
         s = multicrop_forward(self.backbone, self.head, views)
