@@ -262,7 +262,8 @@ def train(cfg: Config) -> dict:
                 step += 1
                 # -------------------------------------------------- logs and monitors
                 if log_now:
-                    logs = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in out.items()
+                    logs = {k: float(v.detach() if torch.is_tensor(v) else v)
+                            for k, v in out.items()
                             if isinstance(v, (int, float)) or torch.is_tensor(v) and v.numel() == 1}
                     logs.update(lr=lr, grad_norm=total_norm, grad_norm_first_layer=stem_norm,
                                 epoch=step / steps_per_epoch)
