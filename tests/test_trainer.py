@@ -78,8 +78,12 @@ def test_dino_updates_center_and_teacher_lags_student(tmp_path):
     diffs = [(p - q).abs().max().item() for p, q in
              zip(method.backbone.parameters(), method.t_backbone.parameters(), strict=True)]
     assert max(diffs) > 0  # the EMA teacher trails the student
+    # evaluated and exported: the teacher (as in DINO); monitored for gradients: the student
+    assert method.encoder() is method.t_backbone
+    assert method.trained_encoder() is method.backbone
     rows = read_log(Path(cfg.out))
     assert all(r["teacher_entropy"] > 0 and "kl" in r for r in rows)
+    assert all(r["grad_norm_first_layer"] > 0 for r in rows)
 
 
 def test_mae_masks_three_quarters(tmp_path):

@@ -152,7 +152,7 @@ def train(cfg: Config) -> dict:
                 else schedules.constant(cfg.wd, schedule_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     params = [p for p in method.parameters() if p.requires_grad]
-    stem = first_layer(method.encoder())
+    stem = first_layer(method.trained_encoder())
 
     # ---------------------------------------------------------------- resume
     step = 0

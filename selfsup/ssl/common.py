@@ -40,6 +40,11 @@ class Method(nn.Module):
         """EMA / queue / center updates after the optimizer step `step` (0-based)."""
 
     def encoder(self) -> nn.Module:
+        """The backbone to evaluate and export."""
+        return self.backbone
+
+    def trained_encoder(self) -> nn.Module:
+        """The backbone the optimizer updates (gradient monitors read its first layer)."""
         return self.backbone
 
 

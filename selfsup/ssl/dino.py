@@ -96,6 +96,11 @@ class DINO(Method):
         return split_decay(rest) + split_decay(last.named_parameters(),
                                                freeze_steps=self.freeze_steps, name="last_layer")
 
+    def encoder(self):
+        # The teacher is what DINO evaluates and releases: the EMA is the better model
+        # throughout training (Caron et al. 2021, Fig. 6).
+        return self.t_backbone
+
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
         self.step.fill_(step + 1)
