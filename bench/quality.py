@@ -8,9 +8,11 @@
 Each method trains on Fashion-MNIST's 60k train split (Debian's files, or the committed sample
 when they are absent) with a short CPU recipe below, then the trainer scores 20-NN top-1
 (T = 0.07) on the test split (train memory and test sizes per backbone, below), for the trained
-encoder and for the same encoder at random init. The goal (issue 8/9): ≥ 5 points of gain
-within 10 CPU minutes per method. CPU time is what is budgeted (process user+sys time, both
-k-NN scorings included), since wall time on a shared 2-core machine depends on the neighbours.
+encoder and for the same encoder at random init (DINO scores its EMA teacher, as the paper
+does). The goals, within 10 CPU minutes per method: ≥ 5 points of gain for issue 8's six
+methods, and beating random init for DINO and MAE (issue 9). CPU time is what is budgeted
+(process user+sys time, both k-NN scorings included), since wall time on a shared 2-core
+machine depends on the neighbours.
 
 Results go to bench/results/quality.json and a markdown table on stdout (the README's table).
 The recipes are the paper recipes shrunk to minutes: small backbones (resnet_tiny, vit_tiny
@@ -71,11 +73,27 @@ RECIPES: dict[str, tuple[int, list[str]]] = {
                          "--proj-hidden", "512", "--proj-dim", "128", "--ema-momentum", "0.99",
                          "--warmup-teacher-temp-epochs", "0", "--teacher-temp", "0.04",
                          "--freeze-last-layer-epochs", "0"]),
-    "mae": (300, VIT + ["--batch-size", "128", "--optimizer", "adamw", "--lr", "1e-3",
-                        "--wd", "0.05", "--decoder-dim", "128", "--decoder-depth", "2"]),
+    # mae: at 16 px a 4x4 patch's mean and contrast carry the garment's silhouette, which
+    # norm_pix takes out of the target, and a 0.75 mask leaves 4 of the 16 tokens; with
+    # norm_pix off and a 0.5 mask the encoder beats random init (NOTES.md, recipe trials).
+    "mae": (520, VIT + ["--batch-size", "128", "--optimizer", "adamw", "--lr", "1e-3",
+                        "--wd", "0.05", "--decoder-dim", "128", "--decoder-depth", "2",
+                        "--mask-ratio", "0.5", "--no-norm-pix"]),
 }
-GOAL_POINTS = 5.0
+# Issue 8: its six methods gain >= 5 points; issue 9: DINO and MAE beat random init (> 0).
+GOAL_POINTS = {"dino": 0.0, "mae": 0.0}
+DEFAULT_GOAL_POINTS = 5.0
 BUDGET_CPU_S = 600.0
+
+
+def goal_met(method: str, gain: float, cpu: float) -> bool:
+    goal = GOAL_POINTS.get(method, DEFAULT_GOAL_POINTS)
+    return bool((gain > goal if goal == 0 else gain >= goal) and cpu <= BUDGET_CPU_S)
+
+
+def goal_text(method: str) -> str:
+    goal = GOAL_POINTS.get(method, DEFAULT_GOAL_POINTS)
+    return "> 0" if goal == 0 else f"≥ +{goal:g}"
 
 
 def cpu_seconds() -> float:
@@ -102,20 +120,21 @@ def run_one(method: str, scale: float, out_root: Path) -> dict:
                 knn_sizes=f"{cfg.knn_train_size or 'all'}/{cfg.knn_test_size or 'all'}",
                 knn_random=round(before, 4), knn_trained=round(after, 4),
                 gain_points=round(gain, 1), cpu_s=round(cpu, 1), wall_s=round(wall, 1),
-                ok=bool(gain >= GOAL_POINTS and cpu <= BUDGET_CPU_S),
+                ok=goal_met(method, gain, cpu),
                 command="python train.py " + " ".join(argv))
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| method | backbone | steps × batch | k-NN memory / test images | k-NN random init "
-             "| k-NN trained | gain (points) | CPU time | wall | goal met |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| k-NN trained | gain (points) | CPU time | wall | goal (points, ≤ 10 CPU min) "
+             "| met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['arch']} | {r['steps']} × {r['batch']} | "
                      f"{r['knn_sizes']} | {100 * r['knn_random']:.1f}% | "
                      f"{100 * r['knn_trained']:.1f}% | {r['gain_points']:+.1f} | "
                      f"{r['cpu_s'] / 60:.1f} min | {r['wall_s'] / 60:.1f} min | "
-                     f"{'yes' if r['ok'] else 'NO'} |")
+                     f"{goal_text(r['method'])} | {'yes' if r['ok'] else 'NO'} |")
     return "\n".join(lines)
 
 
