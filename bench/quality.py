@@ -17,7 +17,8 @@ machine depends on the neighbours.
 Results go to bench/results/quality.json and a markdown table on stdout (the README's table).
 The recipes are the paper recipes shrunk to minutes: small backbones (resnet_tiny, vit_tiny
 with patch 4) on 16-px images, short schedules, no warm-up where a few hundred steps would
-spend most of the run warming up, shorter queues and smaller DINO heads.
+spend most of the run warming up (DINO keeps a short one: without it its features dip),
+shorter queues and smaller DINO heads.
 """
 
 from __future__ import annotations
