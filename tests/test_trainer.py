@@ -200,3 +200,14 @@ def test_knn_monitor_beyond_the_cpu_budget_is_skipped_with_a_message(tmp_path, m
     captured = capsys.readouterr()
     assert "k-NN monitor skipped" in captured.out + captured.err
     assert read_log(Path(cfg.out), "knn") == []
+
+
+def test_fractional_knn_every_scores_within_the_epoch(tmp_path):
+    cfg = config("simclr", tmp_path, "--steps", "7", "--knn-every", "0.1",
+                 "--knn-train-size", "64", "--knn-test-size", "32")
+    summary = train(cfg)
+    every = max(1, round(0.1 * cfg.extra["steps_per_epoch"]))
+    rows = read_log(Path(cfg.out), "knn")
+    expected = [0, *range(every, 7, every), 7]
+    assert [r["step"] for r in rows] == expected
+    assert rows[-1]["tag"] == "trained" and summary["knn_trained"] == rows[-1]["knn_top1"]

@@ -71,7 +71,7 @@ class Config:
     out: str | None = None  # run folder; None: runs/<method>-<arch>
     resume: str | None = None  # checkpoint path, run folder, or "auto" (this run's folder)
     seed: int = 0
-    knn_every: float = 1.0  # k-NN monitor every N epochs (0: only before and after training)
+    knn_every: float = 1.0  # k-NN every N epochs, < 1: every that fraction (0: before/after only)
     knn_k: int = 20
     knn_t: float = 0.07
     knn_train_size: int = 10000  # train images used as the k-NN memory (0: all)

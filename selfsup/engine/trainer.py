@@ -193,6 +193,10 @@ def train(cfg: Config) -> dict:
                 "or evaluate later with python -m selfsup.eval")
             progress.message(summary["knn_skipped"])
 
+    # --knn-every under 1 epoch scores every that many steps; whole epochs score at epoch ends
+    knn_steps = (max(1, round(cfg.knn_every * steps_per_epoch))
+                 if knn_on and 0 < cfg.knn_every < 1 else 0)
+
     def run_knn(tag: str) -> float:
         acc = knn_accuracy(method.encoder(), *knn_loaders, device, k=cfg.knn_k, t=cfg.knn_t,
                            autocast_dtype=amp_dtype)
@@ -260,6 +264,8 @@ def train(cfg: Config) -> dict:
                 scaler.update()
                 unwrap(model).on_step_end(step, schedule_steps)
                 step += 1
+                if knn_steps and step % knn_steps == 0 and step < total:
+                    run_knn(f"epoch {step / steps_per_epoch:.2f}")
                 # -------------------------------------------------- logs and monitors
                 if log_now:
                     logs = {k: float(v.detach() if torch.is_tensor(v) else v)
@@ -277,7 +283,7 @@ def train(cfg: Config) -> dict:
                                     run_dir / ckpt.CHECKPOINT_NAME)
             else:  # the epoch ran out (not a break)
                 epoch += 1
-                if knn_on and cfg.knn_every > 0 and step < total and (
+                if knn_on and cfg.knn_every >= 1 and step < total and (
                         epoch % max(1, round(cfg.knn_every)) == 0):
                     run_knn(f"epoch {epoch}")
                 continue
