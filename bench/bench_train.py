@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _harness import device, run, skip_if_interpreted
+
 from selfsup.engine.config import build_parser, resolve
 from selfsup.engine.optim import build_optimizer
 from selfsup.ssl import METHODS

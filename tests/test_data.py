@@ -17,10 +17,11 @@ from selfsup.data import (
     build_loader,
     get_recipe,
     load_fashion_mnist_sample,
+    recipes,
+    transforms,
 )
 from selfsup.data import dali as dali_mod
 from selfsup.data import loader as loader_mod
-from selfsup.data import recipes, transforms
 
 HAVE_DALI = dali_mod.available()
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
@@ -41,8 +42,8 @@ def batches(loader, epoch=0):
 
 
 def value_range(r):
-    lo = [(0 - m) / s for m, s in zip(r.mean, r.std)]
-    hi = [(1 - m) / s for m, s in zip(r.mean, r.std)]
+    lo = [(0 - m) / s for m, s in zip(r.mean, r.std, strict=True)]
+    hi = [(1 - m) / s for m, s in zip(r.mean, r.std, strict=True)]
     return torch.tensor(lo).view(1, -1, 1, 1), torch.tensor(hi).view(1, -1, 1, 1)
 
 
@@ -141,7 +142,7 @@ def test_each_recipe_yields_normalized_views_and_labels(backend, name, sizes):
     assert torch.equal(labels, torch.from_numpy(SMALL[1][loader.order(0)[:8]]))
     lo, hi = value_range(loader.recipe)
     assert len(views) == len(sizes)
-    for v, s in zip(views, sizes):
+    for v, s in zip(views, sizes, strict=True):
         assert v.dtype == torch.float32 and v.shape == (8, 3, s, s) and v.is_contiguous()
         assert torch.all(v >= lo - 1e-5) and torch.all(v <= hi + 1e-5)
         assert v.std() > 0.3  # real images, not a constant
@@ -173,8 +174,8 @@ def test_same_seed_same_batches_other_seed_or_epoch_differs(backend):
 
     a, b, c = make(5), make(5), make(6)
     ea, eb = batches(a, 1), batches(b, 1)
-    for (va, la), (vb, lb) in zip(ea, eb):
-        assert torch.equal(la, lb) and all(torch.equal(x, y) for x, y in zip(va, vb))
+    for (va, la), (vb, lb) in zip(ea, eb, strict=True):
+        assert torch.equal(la, lb) and all(torch.equal(x, y) for x, y in zip(va, vb, strict=True))
     assert not torch.equal(first(c, 1)[0][0], ea[0][0][0])
     assert not torch.equal(first(a, 2)[0][0], ea[0][0][0])
 
@@ -192,7 +193,7 @@ def test_batch_i_after_resume_equals_the_uninterrupted_one(backend):
         if i < 3:
             continue
         assert torch.equal(labels, want[i][1])
-        assert all(torch.equal(x, y) for x, y in zip(views, want[i][0]))
+        assert all(torch.equal(x, y) for x, y in zip(views, want[i][0], strict=True))
     torch.manual_seed(123)  # global RNG state plays no part
     assert torch.equal(batches(resumed, 1)[4][0][2], want[4][0][2])
 
@@ -201,7 +202,7 @@ def test_batch_i_after_resume_equals_the_uninterrupted_one(backend):
 def test_dali_output_does_not_depend_on_thread_count():
     one = build_loader(SMALL, "mocov2", 8, device="dali-cpu", img_size=16, num_threads=1)
     two = build_loader(SMALL, "mocov2", 8, device="dali-cpu", img_size=16, num_threads=2)
-    assert all(torch.equal(x, y) for x, y in zip(first(one, 2)[0], first(two, 2)[0]))
+    assert all(torch.equal(x, y) for x, y in zip(first(one, 2)[0], first(two, 2)[0], strict=True))
 
 
 # ----------------------------------------------------------------------------- DALI vs portable
@@ -217,7 +218,7 @@ def test_dali_and_portable_agree(name, size):
     p = first(build_loader(FMNIST, name, 64, device="portable", **kw))
     d = first(build_loader(FMNIST, name, 64, device="dali-cpu", **kw))
     assert torch.equal(p[1], d[1])
-    for v, (a, b) in enumerate(zip(p[0], d[0])):
+    for v, (a, b) in enumerate(zip(p[0], d[0], strict=True)):
         diff = (a - b).abs()
         assert diff.mean() < 0.01, (name, v, diff.mean())
         tol = 0.05 if v < 2 else 0.8  # 0.05 = ~3 grey levels after normalization
@@ -232,7 +233,7 @@ def test_dali_and_portable_agree_on_jpeg_folders(folder):
     p = first(build_loader(folder, "mocov2", 12, device="portable", img_size=24, seed=2))
     d = first(build_loader(folder, "mocov2", 12, device="dali-cpu", img_size=24, seed=2))
     assert torch.equal(p[1], d[1])
-    for a, b in zip(p[0], d[0]):  # Pillow's vs DALI's antialiased linear resize
+    for a, b in zip(p[0], d[0], strict=True):  # Pillow's vs DALI's antialiased linear resize
         assert (a - b).abs().mean() < 0.05
         torch.testing.assert_close(a.mean((0, 2, 3)), b.mean((0, 2, 3)), atol=0.02, rtol=0)
 
@@ -316,7 +317,7 @@ def test_dali_decoder_failure_is_recovered(corrupt_folder, monkeypatch):
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         want = batches(clean)
-    for (v, lb), (w, lw) in zip(out, want):  # same substitutes as the portable path
+    for (v, lb), (w, lw) in zip(out, want, strict=True):  # same substitutes as the portable path
         assert torch.equal(lb, lw) and (v[0] - w[0]).abs().mean() < 0.05
 
 

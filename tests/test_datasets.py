@@ -124,7 +124,7 @@ def test_read_idx_errors_name_the_file(tmp_path):
 def make_tree(root, n_per_class=3, classes=("coat", "shoe")):
     sample = ds.load_fashion_mnist_sample("test")
     k = 0
-    for label, name in enumerate(classes):
+    for _label, name in enumerate(classes):
         (root / name).mkdir(parents=True)
         for i in range(n_per_class):
             ext = ".png" if i % 2 else ".jpg"

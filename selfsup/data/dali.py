@@ -113,8 +113,9 @@ def build_pipeline(recipe: Recipe, source: Callable[[int], tuple], *, encoded: b
                                     adjust_orientation=False)  # as Pillow: EXIF not applied
         else:
             img = data.gpu() if gpu else data
+        # no strict=: DALI's conditionals (autograph) replace zip with one that lacks it
         return tuple(_view(img, p, v, src_chans, src_side is None or src_side > v.size, gpu)
-                     for v, p in zip(recipe.views, params))
+                     for v, p in zip(recipe.views, params))  # noqa: B905
 
     pipe = graph()
     pipe.build()

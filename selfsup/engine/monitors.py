@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # ----------------------------------------------------------------------------- k-NN
 # On CPU the monitor is skipped (with a message) when scoring before and after training would
 # cost more than this: ~5-10 minutes of a 2-core machine. A ViT-H at 224 px is 167 GFLOP per
@@ -66,7 +65,8 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor,
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, loader, device: torch.device,
-                     autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     autocast_dtype: torch.dtype | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D) float32 on CPU, labels (N,)) of every image the loader yields."""
     was_training = encoder.training
     encoder.eval()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.heads import MLP
-from .common import Method, momentum_at, build_encoder, collapse_stats, ema_update, frozen_copy
+from .common import Method, build_encoder, collapse_stats, ema_update, frozen_copy, momentum_at
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,8 @@ class MoCo(Method):
 
     @classmethod
     def preset(cls, arch):
-        return dict(temperature=0.07 if cls.version == 1 else 0.2, queue_size=65536, ema_momentum=0.999, proj_dim=128,
+        return dict(temperature=0.07 if cls.version == 1 else 0.2, queue_size=65536,
+                    ema_momentum=0.999, proj_dim=128,
                     optimizer="sgd", blr=0.03, wd=1e-4, momentum=0.9, epochs=200,
                     shuffle_bn=True)
 
@@ -70,7 +71,7 @@ class MoCo(Method):
             return self.key_head(self.key_backbone(t))
 
         if self.shuffle_bn and dist.is_dist():
-            n, w, r = len(x), dist.world_size(), dist.rank()
+            n, r = len(x), dist.rank()
             x_all = dist.all_gather_nograd(x)
             perm = dist.broadcast(torch.randperm(len(x_all), device=x.device))
             k_local = f(x_all[perm[r * n:(r + 1) * n]])

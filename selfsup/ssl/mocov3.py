@@ -21,7 +21,15 @@ import torch
 from .. import dist
 from ..kernels import info_nce_batch
 from ..models.heads import MLP
-from .common import Method, momentum_at, build_encoder, collapse_stats, ema_update, frozen_copy, is_vit
+from .common import (
+    Method,
+    build_encoder,
+    collapse_stats,
+    ema_update,
+    frozen_copy,
+    is_vit,
+    momentum_at,
+)
 
 
 class MoCoV3(Method):

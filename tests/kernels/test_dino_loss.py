@@ -180,7 +180,7 @@ def test_center_ema_and_collapse_stats(seed, backend, path):
     crit = DINOLoss(k, center_momentum=m).double()
     c0 = torch.randn(1, k, dtype=torch.float64)
     crit.center.copy_(c0)
-    for step in range(2):
+    for _step in range(2):
         s, t, _ = make(v, g, b, k, t_scale=2.0)
         old = crit.center.clone()
         loss = crit(s, t, teacher_temp=0.05)

@@ -43,7 +43,7 @@ def make(kind, n, c, m=None, *, dtype=F64, scale=1.0):
 
 
 def loss_and_grads(fn, args, requires, temperature, **kw):
-    leaves = [a.detach().clone().requires_grad_(r) for a, r in zip(args, requires)]
+    leaves = [a.detach().clone().requires_grad_(r) for a, r in zip(args, requires, strict=True)]
     loss = fn(*leaves, temperature, **kw)
     wrt = [x for x in leaves if x.requires_grad]
     grads = torch.autograd.grad(loss, wrt, grad_outputs=torch.full_like(loss, UPSTREAM))
@@ -57,8 +57,8 @@ def assert_matches_ref(kind, backend, monkeypatch, args, temperature, requires=N
     monkeypatch.setenv("SELFSUP_KERNELS", backend)
     ours = loss_and_grads(fused, args, requires, temperature, **kw)
     want = loss_and_grads(ref, args, requires, temperature, **kw)
-    labels = ["loss", *[f"d{n}" for n, r in zip(names, requires) if r]]
-    for label, a, b in zip(labels, ours, want):
+    labels = ["loss", *[f"d{n}" for n, r in zip(names, requires, strict=True) if r]]
+    for label, a, b in zip(labels, ours, want, strict=True):
         assert a.dtype == b.dtype == F64
         torch.testing.assert_close(a, b, **TOL64, msg=lambda m, lb=label: f"{kind} {lb}: {m}")
 
@@ -171,7 +171,8 @@ def test_low_precision(seed, monkeypatch, backend, kind, dtype):
     exact = loss_and_grads(ref, [a.double() for a in args], requires, 0.07, **kw)
     theirs = loss_and_grads(ref, args, requires, 0.07, **kw)
     assert ours[0].dtype == torch.float32 and all(g.dtype == dtype for g in ours[1:])
-    for label, a, b, c in zip(["loss", *names], ours, exact, theirs):
+    labels = ["loss", *[n for n, r in zip(names, requires, strict=True) if r]]
+    for label, a, b, c in zip(labels, ours, exact, theirs, strict=True):
         assert_lowp_close(f"{kind} {label}", a, b, c, dtype)
 
 
@@ -212,7 +213,7 @@ def test_gradcheck_tiny(seed, monkeypatch, backend, kind):
     monkeypatch.setenv("SELFSUP_KERNELS", backend)
     kw = {"positive_offset": 1} if kind == "batch" else {}
     args = make(kind, 3, 5, 4 if kind == "queue" else 5)
-    leaves = [a.requires_grad_(n != "queue") for a, n in zip(args, names)]
+    leaves = [a.requires_grad_(n != "queue") for a, n in zip(args, names, strict=True)]
     assert torch.autograd.gradcheck(lambda *x: fused(*x, 0.3, **kw), leaves)
     kw["normalize"] = False
     assert torch.autograd.gradcheck(lambda *x: fused(*x, 0.5, **kw), leaves)

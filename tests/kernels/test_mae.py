@@ -60,7 +60,7 @@ def test_random_masking_is_the_official_algorithm(seed, ratio):
 def test_random_masking_generator_is_reproducible():
     run = [M.random_masking(2, 20, 0.75, generator=torch.Generator().manual_seed(7))
            for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*run))
+    assert all(torch.equal(a, b) for a, b in zip(*run, strict=True))
     ids_keep, ids_restore, _ = run[0]
     assert torch.equal(ids_restore.argsort(1)[:, :5], ids_keep)
 
@@ -159,7 +159,7 @@ def test_deterministic_option_equals_atomics(seed, backend, backend_name, op):
     g = torch.randn_like(f(False))
     atomics, det1, det2 = (grads(f(d), inputs, g) for d in (False, True, True))
     assert_all_close(det1, atomics, rtol=1e-5, atol=1e-5)
-    assert all(torch.equal(a, b) for a, b in zip(det1, det2))  # bitwise run to run
+    assert all(torch.equal(a, b) for a, b in zip(det1, det2, strict=True))  # bitwise run to run
 
 
 # ---------------------------------------------------------------------------- loss
