@@ -9,10 +9,12 @@ Each method trains on Fashion-MNIST's 60k train split (Debian's files, or the co
 when they are absent) with a short CPU recipe below, then the trainer scores 20-NN top-1
 (T = 0.07) on the test split (train memory and test sizes per backbone, below), for the trained
 encoder and for the same encoder at random init (DINO scores its EMA teacher, as the paper
-does). The goals, within 10 CPU minutes per method: ≥ 5 points of gain for issue 8's six
-methods, and beating random init for DINO and MAE (issue 9). CPU time is what is budgeted
+does). The goals: ≥ 5 points of gain within 10 CPU minutes for issue 8's six methods; for
+DINO and MAE (issue 9), a gain beyond twice the k-NN estimate's noise (GOAL_POINTS below),
+MAE within 10 CPU minutes and DINO within its own budget. CPU time is what is budgeted
 (process user+sys time, both k-NN scorings included), since wall time on a shared 2-core
-machine depends on the neighbours.
+machine depends on the neighbours; runs use one torch thread (--threads), which spends the
+least CPU per step.
 
 Results go to bench/results/quality.json and a markdown table on stdout (the README's table).
 The recipes are the paper recipes shrunk to minutes: small backbones (resnet_tiny, vit_tiny
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import sys
 import time
@@ -73,8 +76,9 @@ RECIPES: dict[str, tuple[int, list[str]]] = {
                             "--temperature", "0.2", "--proj-hidden", "512", "--proj-dim", "128"]),
     # dino: the paper's lr scaling (blr 5e-4 -> 1.25e-4 at batch 64) and a warm-up; at
     # 5e-4 without one the ViT's features fall ~7 points in the first 200 steps. A sharper
-    # teacher (0.02) gave +0.6 vs +0.3 at 0.04 (NOTES.md).
-    "dino": (300, VIT + ["--batch-size", "64", "--optimizer", "adamw", "--blr", "5e-4",
+    # teacher (0.02) gave +0.6 vs +0.3 at 0.04 at 300 steps; 900 steps (~1 epoch, ~36 CPU
+    # minutes: DINO's budget) gave +1.5 / +3.3 / +4.0 at 300 / 600 / 900 (NOTES.md).
+    "dino": (900, VIT + ["--batch-size", "64", "--optimizer", "adamw", "--blr", "5e-4",
                          "--warmup-epochs", "0.1", "--wd", "0.04", "--out-dim", "1024",
                          "--n-local", "2", "--crop-scale", "0.5", "1.0",
                          "--proj-hidden", "512", "--proj-dim", "128", "--ema-momentum", "0.99",
@@ -87,20 +91,57 @@ RECIPES: dict[str, tuple[int, list[str]]] = {
                         "--wd", "0.05", "--decoder-dim", "128", "--decoder-depth", "2",
                         "--mask-ratio", "0.5", "--no-norm-pix"]),
 }
-# Issue 8: its six methods gain >= 5 points; issue 9: DINO and MAE beat random init (> 0).
-GOAL_POINTS = {"dino": 0.0, "mae": 0.0}
-DEFAULT_GOAL_POINTS = 5.0
-BUDGET_CPU_S = 600.0
+# Issue 8: its six methods gain >= 5 points within 10 CPU minutes. Issue 9: DINO and MAE beat
+# random init, which we read as a gain of more than twice the k-NN estimate's own noise (the
+# binomial std of an accuracy over the test images: 0.66 points at 67% on 5k), so a lucky draw
+# cannot pass; issue 9 sets no time, and DINO's budget is what its recipe needs (below).
+GOAL_POINTS = {"byol": 5.0, "simsiam": 5.0, "mocov1": 5.0, "mocov2": 5.0, "mocov3": 5.0,
+               "simclr": 5.0}
+FMNIST_TEST = 10000  # Fashion-MNIST's test split ("all" in a row's k-NN sizes)
+BUDGET_CPU_S = {"dino": 2400.0}
+DEFAULT_BUDGET_CPU_S = 600.0
 
 
-def goal_met(method: str, gain: float, cpu: float) -> bool:
-    goal = GOAL_POINTS.get(method, DEFAULT_GOAL_POINTS)
-    return bool((gain > goal if goal == 0 else gain >= goal) and cpu <= BUDGET_CPU_S)
+def noise_points(acc: float, n_test: int) -> float:
+    """Twice the binomial std of a top-1 accuracy over n_test images, in points."""
+    return 200 * math.sqrt(acc * (1 - acc) / n_test)
 
 
-def goal_text(method: str) -> str:
-    goal = GOAL_POINTS.get(method, DEFAULT_GOAL_POINTS)
-    return "> 0" if goal == 0 else f"≥ +{goal:g}"
+def goal_points(method: str, acc_random: float, n_test: int) -> float:
+    return GOAL_POINTS.get(method, noise_points(acc_random, n_test))
+
+
+def budget_s(method: str) -> float:
+    return BUDGET_CPU_S.get(method, DEFAULT_BUDGET_CPU_S)
+
+
+def goal_met(method: str, gain: float, cpu: float, acc_random: float, n_test: int) -> bool:
+    return bool(gain >= goal_points(method, acc_random, n_test) and cpu <= budget_s(method))
+
+
+def row_test_size(r: dict) -> int:
+    return int(str(r["knn_sizes"]).split("/")[1].replace("all", str(FMNIST_TEST)))
+
+
+def row_ok(r: dict) -> bool:  # judged by today's goals, not those of the day it was run
+    return goal_met(r["method"], r["gain_points"], r["cpu_s"], r["knn_random"], row_test_size(r))
+
+
+def goal_text(r: dict) -> str:
+    points = goal_points(r["method"], r["knn_random"], row_test_size(r))
+    return f"≥ +{points:.1f} in {budget_s(r['method']) / 60:g} min"
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def torch_threads_now() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def cpu_seconds() -> float:
@@ -127,21 +168,21 @@ def run_one(method: str, scale: float, out_root: Path) -> dict:
                 knn_sizes=f"{cfg.knn_train_size or 'all'}/{cfg.knn_test_size or 'all'}",
                 knn_random=round(before, 4), knn_trained=round(after, 4),
                 gain_points=round(gain, 1), cpu_s=round(cpu, 1), wall_s=round(wall, 1),
-                ok=goal_met(method, gain, cpu),
+                threads=torch_threads_now(),
+                ok=goal_met(method, gain, cpu, before, cfg.knn_test_size or FMNIST_TEST),
                 command="python train.py " + " ".join(argv))
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| method | backbone | steps × batch | k-NN memory / test images | k-NN random init "
-             "| k-NN trained | gain (points) | CPU time | wall | goal (points, ≤ 10 CPU min) "
-             "| met |",
+             "| k-NN trained | gain (points) | CPU time | wall | goal (points, CPU time) | met |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['arch']} | {r['steps']} × {r['batch']} | "
                      f"{r['knn_sizes']} | {100 * r['knn_random']:.1f}% | "
                      f"{100 * r['knn_trained']:.1f}% | {r['gain_points']:+.1f} | "
                      f"{r['cpu_s'] / 60:.1f} min | {r['wall_s'] / 60:.1f} min | "
-                     f"{goal_text(r['method'])} | {'yes' if r['ok'] else 'NO'} |")
+                     f"{goal_text(r)} | {'yes' if row_ok(r) else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -152,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "quality"))
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "quality.json"))
     p.add_argument("--table", action="store_true", help="only print the table of --json")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads: one spends the least CPU time per step (2 threads on "
+                        "2 cores ran BYOL at 1.0x the wall speed for 2x the CPU time)")
     a = p.parse_args(argv)
+    torch_threads(a.threads)
     if a.table:
         print(table(json.loads(Path(a.json).read_text())))
         return 0
