@@ -197,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads: one spends the least CPU time per step (2 threads on "
                         "2 cores ran BYOL at 1.0x the wall speed for 2x the CPU time)")
     a = p.parse_args(argv)
-    torch_threads(a.threads)
     if a.table:
         print(table(json.loads(Path(a.json).read_text())))
         return 0
+    torch_threads(a.threads)  # after --table, which needs no torch
     rows = []
     for m in a.methods:
         rows.append(run_one(m, a.scale, Path(a.out)))
