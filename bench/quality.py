@@ -76,8 +76,8 @@ RECIPES: dict[str, tuple[int, list[str]]] = {
                             "--temperature", "0.2", "--proj-hidden", "512", "--proj-dim", "128"]),
     # dino: the paper's lr scaling (blr 5e-4 -> 1.25e-4 at batch 64) and a warm-up; at
     # 5e-4 without one the ViT's features fall ~7 points in the first 200 steps. A sharper
-    # teacher (0.02) gave +0.6 vs +0.3 at 0.04 at 300 steps; 900 steps (~1 epoch, ~36 CPU
-    # minutes: DINO's budget) gave +1.5 / +3.3 / +4.0 at 300 / 600 / 900 (NOTES.md).
+    # teacher (0.02) gave +0.6 vs +0.3 at 0.04 at 300 steps; 900 steps (~1 epoch; 25 CPU
+    # minutes on an idle core, 36 next to another job, so DINO's budget is 40) gave +1.5 / +3.3 / +4.0 at 300 / 600 / 900 (NOTES.md).
     "dino": (900, VIT + ["--batch-size", "64", "--optimizer", "adamw", "--blr", "5e-4",
                          "--warmup-epochs", "0.1", "--wd", "0.04", "--out-dim", "1024",
                          "--n-local", "2", "--crop-scale", "0.5", "1.0",
@@ -132,15 +132,12 @@ def goal_text(r: dict) -> str:
     return f"≥ +{points:.1f} in {budget_s(r['method']) / 60:g} min"
 
 
-def torch_threads(n: int) -> None:
+def torch_threads(n: int | None = None) -> int:
+    """Set torch's intra-op threads to n (when given); return the number in use."""
     import torch
 
-    torch.set_num_threads(n)
-
-
-def torch_threads_now() -> int:
-    import torch
-
+    if n is not None:
+        torch.set_num_threads(n)
     return torch.get_num_threads()
 
 
@@ -168,8 +165,7 @@ def run_one(method: str, scale: float, out_root: Path) -> dict:
                 knn_sizes=f"{cfg.knn_train_size or 'all'}/{cfg.knn_test_size or 'all'}",
                 knn_random=round(before, 4), knn_trained=round(after, 4),
                 gain_points=round(gain, 1), cpu_s=round(cpu, 1), wall_s=round(wall, 1),
-                threads=torch_threads_now(),
-                ok=goal_met(method, gain, cpu, before, cfg.knn_test_size or FMNIST_TEST),
+                threads=torch_threads(),
                 command="python train.py " + " ".join(argv))
 
 
@@ -212,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         old.update({r["method"]: r for r in rows})
         path.write_text(json.dumps(list(old.values()), indent=1) + "\n")
     print(table(rows))
-    return 0 if all(r["ok"] for r in rows) else 1
+    return 0 if all(row_ok(r) for r in rows) else 1
 
 
 if __name__ == "__main__":
