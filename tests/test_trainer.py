@@ -94,6 +94,36 @@ def test_mae_masks_three_quarters(tmp_path):
     assert method.encoder().global_pool == "avg"  # features: mean patch token, not cls
 
 
+def test_mae_loss_reaches_masked_patches_only(tmp_path, monkeypatch):
+    # After a trained step or two: the gradient of the loss w.r.t. the decoder's per-patch
+    # prediction is exactly 0 on every visible patch and nonzero on the masked ones.
+    import selfsup.ssl.mae as mae_mod
+
+    cfg = config("mae", tmp_path, "--steps", "2", "--mask-ratio", "0.6")
+    train(cfg)
+    method, _, _ = ckpt.load_method(cfg.out)
+    seen = {}
+    real_masking = mae_mod.random_masking
+
+    def recording_masking(*args, **kwargs):
+        out = real_masking(*args, **kwargs)
+        seen["mask"] = out[2]
+        return out
+
+    def keep_pred(_module, _inputs, pred):
+        pred.retain_grad()
+        seen["pred"] = pred
+
+    monkeypatch.setattr(mae_mod, "random_masking", recording_masking)
+    method.decoder.register_forward_hook(keep_pred)
+    imgs = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    (method([imgs])["loss"] * 1.7).backward()
+    mask, grad = seen["mask"].bool(), seen["pred"].grad  # (B, L), (B, L, p*p*C)
+    assert mask.float().mean().item() == pytest.approx(0.6, abs=0.07)
+    assert torch.all(grad[~mask] == 0)
+    assert torch.all(grad[mask].abs().sum(-1) > 0)
+
+
 # ----------------------------------------------------------------------------- resume
 def final_weights(run: Path) -> dict:
     return ckpt.load(run)["model"]
