@@ -146,6 +146,22 @@ def test_resume_gives_identical_weights(tmp_path):
     assert ckpt.load(second.out)["step"] == 6
 
 
+def test_channels_last_trains_the_same_weights_in_nhwc(tmp_path):
+    # The same 3 BYOL steps in NCHW and NHWC: equal weights up to the convolutions' summation
+    # order, and the NHWC run really keeps its conv weights channels-last.
+    nchw = config("byol", tmp_path / "a", "--steps", "3")
+    train(nchw)
+    nhwc = config("byol", tmp_path / "b", "--steps", "3", "--channels-last")
+    train(nhwc)
+    a, b = final_weights(Path(nchw.out)), final_weights(Path(nhwc.out))
+    convs = [k for k, v in b.items() if v.dim() == 4]
+    assert convs and all(b[k].is_contiguous(memory_format=torch.channels_last) for k in convs)
+    assert not all(a[k].is_contiguous(memory_format=torch.channels_last) for k in convs)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
 # ----------------------------------------------------------------------------- failures
 def test_nan_loss_stops_with_a_diagnostic_checkpoint(tmp_path, monkeypatch):
     cfg = config("simclr", tmp_path, "--steps", "5")

@@ -43,6 +43,7 @@ class Config:
     clip_grad: float | None = None  # max global grad norm (DINO: 3.0)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; GradScaler for fp16)
     grad_ckpt: bool = False  # activation checkpointing in ViT blocks (ViT-L/H)
+    channels_last: bool = False  # NHWC weights and images: faster oneDNN / cuDNN convolutions
     # ---------------------------------------------------------------- method knobs (presets)
     temperature: float | None = None  # InfoNCE / NT-Xent / DINO student temperature
     queue_size: int | None = None  # MoCo v1/v2 negative queue length K

@@ -143,6 +143,10 @@ def train(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- model + optimizer
     method = cls(cfg).to(device)
+    # NHWC: ResNet convolutions run ~10-25% faster in oneDNN (CPU) and cuDNN (tensor cores);
+    # a ViT only has its patch embedding to convert. Activations follow the input's format.
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    method.to(memory_format=memory_format)
     model = wrap_distributed(method, cfg, device)
     opt = build_optimizer(method.param_groups(cfg), cfg)
     peak_lr = cfg.peak_lr(world)
@@ -231,7 +235,8 @@ def train(cfg: Config) -> dict:
                 for g in opt.param_groups:
                     g["lr"] = (peak_lr if g.get("fixed_lr") else lr) * g.get("lr_scale", 1.0)
                     g["weight_decay"] = float(wd_sched[step]) if g.get("apply_wd", True) else 0.0
-                views = [v.to(device, non_blocking=True) for v in views]
+                views = [v.to(device, non_blocking=True, memory_format=memory_format)
+                         for v in views]
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                     enabled=amp_dtype is not None):
                     out = model(views)
