@@ -162,6 +162,25 @@ def test_channels_last_trains_the_same_weights_in_nhwc(tmp_path):
                                    msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_cifar_stem_flag_picks_the_resnet_stem(tmp_path):
+    # Default at <= 64 px: the 3x3 stride-1 stem without max-pool; --no-cifar-stem keeps the
+    # ImageNet 7x7/2 stem + max-pool (4x fewer positions from layer1 on). ViTs refuse the flag.
+    stems = {}
+    for flag in ([], ["--no-cifar-stem"], ["--cifar-stem"]):
+        cfg = config("byol", tmp_path / (flag[0] if flag else "default"), "--img-size", "28",
+                     *flag)
+        enc = method_class(cfg)(cfg).backbone
+        stems[tuple(flag)] = (enc.conv1.kernel_size, enc.conv1.stride, type(enc.maxpool).__name__)
+    assert stems[()] == stems[("--cifar-stem",)] == ((3, 3), (1, 1), "Identity")
+    assert stems[("--no-cifar-stem",)] == ((7, 7), (2, 2), "MaxPool2d")
+    cfg = config("byol", tmp_path / "s", "--img-size", "28", "--no-cifar-stem", "--steps", "2")
+    assert train(cfg)["steps"] == 2
+    assert json.loads((Path(cfg.out) / "config.json").read_text())["cifar_stem"] is False
+    vit = config("mae", tmp_path / "v", "--cifar-stem")
+    with pytest.raises(ValueError, match="--cifar-stem applies to ResNets only"):
+        method_class(vit)(vit)
+
+
 # ----------------------------------------------------------------------------- failures
 def test_nan_loss_stops_with_a_diagnostic_checkpoint(tmp_path, monkeypatch):
     cfg = config("simclr", tmp_path, "--steps", "5")

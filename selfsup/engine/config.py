@@ -26,6 +26,7 @@ class Config:
     img_size: int | None = None  # None: 32 for 28-px datasets, 224 for image folders
     patch_size: int | None = None  # ViT patch; None: the arch table, or 4 for images <= 64 px
     in_chans: int = 3  # grey images are replicated to 3 channels
+    cifar_stem: bool | None = None  # ResNet 3x3 stride-1 stem, no max-pool; None: if <= 64 px
     # ---------------------------------------------------------------- how long
     epochs: float = 100  # schedule length in epochs (unless only --steps is given)
     steps: int | None = None  # stop after this many optimizer steps

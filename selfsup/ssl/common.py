@@ -80,13 +80,17 @@ def build_encoder(cfg, **kw) -> nn.Module:
     """The backbone named by cfg.arch at the run's image size.
 
     Small images (<= 64 px): ViTs default to patch 4, ResNets to the CIFAR stem (3x3 conv,
-    no max-pool). --grad-ckpt turns on activation checkpointing in ViT blocks.
+    no max-pool); --cifar-stem / --no-cifar-stem choose the ResNet stem explicitly.
+    --grad-ckpt turns on activation checkpointing in ViT blocks.
     """
     small = bool(cfg.img_size) and cfg.img_size <= 64
+    cifar_stem = cfg.cifar_stem
     if is_vit(cfg.arch):
+        if cifar_stem is not None:
+            raise ValueError(f"--cifar-stem applies to ResNets only, not --arch {cfg.arch}")
         kw.setdefault("patch_size", cfg.patch_size or (4 if small else None))
     else:
-        kw.setdefault("cifar_stem", small)
+        kw.setdefault("cifar_stem", small if cifar_stem is None else cifar_stem)
     net = build_backbone(cfg.arch, img_size=cfg.img_size, in_chans=cfg.in_chans, **kw)
     if cfg.grad_ckpt and hasattr(net, "set_grad_checkpointing"):
         net.set_grad_checkpointing(True)
