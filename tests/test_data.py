@@ -4,6 +4,7 @@ Tiny batches and sizes throughout; every DALI test also runs the portable path, 
 skip where DALI is not installed.
 """
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -99,6 +100,30 @@ def test_recipe_parameters_follow_the_papers():
     ev = get_recipe("eval", 32)
     assert ev.deterministic and ev.view_sizes == [32]
     assert get_recipe("eval", 32, 1).mean == (0.449,) and len(get_recipe("eval", 32).std) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_blur_drops_only_the_blur(backend):
+    # blur=False (SimCLR's CIFAR recipe) zeroes every view's blur probability and nothing
+    # else; the drawn sigmas are then all 0 while the other columns of the draw are unchanged.
+    on, off = get_recipe("byol", 28), get_recipe("byol", 28, blur=False)
+    assert [v.blur_p for v in on.views] == [1.0, 0.1] and off.extra == {"blur": False}
+    for a, b in zip(on.views, off.views, strict=True):
+        assert b.blur_p == 0 and a == dataclasses.replace(b, blur_p=a.blur_p)
+    hw = np.tile([28.0, 28.0], (64, 1))
+    pa = recipes.draw_params(on.views[0], recipes.batch_rng(0, 0, 0, 0), hw)
+    pb = recipes.draw_params(off.views[0], recipes.batch_rng(0, 0, 0, 0), hw)
+    assert pa[:, recipes.SIGMA].min() > 0 and not pb[:, recipes.SIGMA].any()
+    keep = [c for c in range(recipes.N_PARAMS) if c != recipes.SIGMA]
+    assert np.array_equal(pa[:, keep], pb[:, keep])
+    assert all(v.blur_p == 0 for v in get_recipe("dino", 32, blur=False).views)
+    with pytest.raises(ValueError, match="blur must be True or False"):
+        get_recipe("mocov2", 32, blur="no")
+    # through the loader: the blurred and unblurred view 1 differ, the crops are the same
+    kw = dict(img_size=16, device=backend, seed=3, num_threads=1)
+    va, _ = first(build_loader(SMALL, "byol", 8, **kw))
+    vb, _ = first(build_loader(SMALL, "byol", 8, blur=False, **kw))
+    assert not torch.allclose(va[0], vb[0], atol=1e-3)
 
 
 def test_recipe_errors_name_the_argument():

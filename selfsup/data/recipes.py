@@ -30,6 +30,7 @@ their channel average, (0.449,) / (0.226,). Override with mean=/std=.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -149,9 +150,11 @@ def dino_local_size(img_size: int) -> int:
 def get_recipe(name: str, img_size: int, in_chans: int = 3, **overrides) -> Recipe:
     """The recipe `name` at `img_size` px for `in_chans` channels.
 
-    Overrides (None values are ignored): mean=, std= (tuples of length in_chans), and the
-    recipe's own keywords: scale= for mocov1/mocov2/byol/mae; n_local=, local_size=,
-    global_scale=, local_scale= for dino; center_crop= for eval.
+    Overrides (None values are ignored): mean=, std= (tuples of length in_chans); blur=False
+    drops the Gaussian blur from every view (SimCLR's CIFAR-10 recipe: at 32 px and below a
+    blur erases the detail that tells the classes apart); and the recipe's own keywords:
+    scale= for mocov1/mocov2/byol/mae; n_local=, local_size=, global_scale=, local_scale= for
+    dino; center_crop= for eval.
     """
     if name not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
@@ -164,6 +167,9 @@ def get_recipe(name: str, img_size: int, in_chans: int = 3, **overrides) -> Reci
     std = tuple(overrides.pop("std", IMAGENET_STD if in_chans == 3 else GREY_STD))
     if len(mean) != in_chans or len(std) != in_chans or min(std) <= 0:
         raise ValueError(f"mean/std must have {in_chans} entries (std > 0), got {mean}, {std}")
+    blur = overrides.pop("blur", True)
+    if not isinstance(blur, bool):
+        raise ValueError(f"blur must be True or False, got {blur!r}")
     build = RECIPES[name]
     allowed = list(inspect.signature(build).parameters)[1:]
     unknown = sorted(set(overrides) - set(allowed))
@@ -173,6 +179,9 @@ def get_recipe(name: str, img_size: int, in_chans: int = 3, **overrides) -> Reci
     if overrides.get("n_local", 0) < 0:
         raise ValueError(f"n_local must be >= 0, got {overrides['n_local']}")
     views = build(img_size, **overrides)
+    if not blur:
+        views = tuple(dataclasses.replace(v, blur_p=0.0) for v in views)
+        overrides["blur"] = False
     for v in views:
         _check_view(v)
     return Recipe(name, views, in_chans, mean, std, dict(overrides))

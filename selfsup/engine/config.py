@@ -66,6 +66,7 @@ class Config:
     shuffle_bn: bool | None = None  # MoCo v1/v2 shuffle BN (emulated on one process)
     # ---------------------------------------------------------------- augmentation
     crop_scale: tuple[float, float] | None = None  # random-resized-crop area (DINO: global)
+    blur: bool = True  # the recipe's Gaussian blur; --no-blur: SimCLR's CIFAR-10 recipe
     # ---------------------------------------------------------------- runtime
     device: str = "auto"  # auto | cpu | cuda
     data_device: str = "auto"  # loader: auto | dali-gpu | dali-cpu | portable

@@ -69,7 +69,7 @@ def make_train_loader(cfg: Config, recipe: str, recipe_kwargs: dict):
     return build_loader(cfg.data, recipe, cfg.batch_size, device=cfg.data_device,
                         img_size=cfg.img_size, num_threads=cfg.workers, seed=cfg.seed,
                         shard_id=dist.rank(), num_shards=dist.world_size(), drop_last=True,
-                        in_chans=cfg.in_chans, **recipe_kwargs)
+                        in_chans=cfg.in_chans, blur=cfg.blur, **recipe_kwargs)
 
 
 KNN_BATCH = 256  # images per k-NN feature-extraction batch
