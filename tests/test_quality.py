@@ -1,6 +1,7 @@
 """bench/quality.py's goals: the thresholds it judges each recorded row by."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,51 @@ def test_table_rejudges_recorded_rows():
                knn_random=0.669, knn_trained=0.679, gain_points=1.0, cpu_s=1.0, wall_s=1.0)
     # +1.0 passed an older, laxer goal; the table judges it by today's (+1.3): NO
     assert quality.table([row]).splitlines()[-1].endswith("| NO |")
+
+
+def resolved(argv: list[str]) -> dict:
+    """The config train.py would run, but for the run folder, the logging cadence and the
+    device (the demo leaves it on auto)."""
+    from selfsup.engine.config import build_parser, resolve
+    from selfsup.engine.trainer import method_class
+
+    args = vars(build_parser().parse_args(argv))
+    cfg = resolve(args, method_class(args["method"]).preset).to_dict()
+    for key in ("out", "log_every", "ckpt_every", "device", "extra"):
+        cfg.pop(key)
+    return cfg
+
+
+def recipe_config(method: str) -> dict:
+    steps, flags = quality.RECIPES[method]
+    return resolved(["--method", method, *quality.COMMON, *flags, "--steps", str(steps)])
+
+
+RECORDED = json.loads((ROOT / "bench" / "results" / "quality.json").read_text())
+
+
+@pytest.mark.parametrize("row", RECORDED, ids=[r["method"] for r in RECORDED])
+def test_each_recorded_row_ran_todays_recipe_and_meets_its_goal(row):
+    # the README's table is generated from these rows: each must be what quality.py runs now
+    argv = row["command"].split()[2:]  # "python train.py ..."
+    assert resolved(argv) == recipe_config(row["method"])
+    assert quality.row_ok(row)
+
+
+def test_the_demo_is_a_recorded_quality_row():
+    # train.py cannot import bench/, so its DEMO repeats one of quality.py's recipes flag for
+    # flag: both must resolve to the same config.
+    import train
+
+    demo = resolved(train.DEMO)
+    assert demo == recipe_config(demo["method"])
+    assert demo["method"] in {r["method"] for r in RECORDED}
+
+
+def test_rows_are_judged_on_the_unrounded_gain():
+    row = dict(method="mocov2", arch="resnet_tiny", steps=1, batch=1, knn_sizes="10000/all",
+               knn_random=0.7703, knn_trained=0.8199, gain_points=5.0, cpu_s=500.0, wall_s=1.0)
+    assert not quality.row_ok(row)  # +4.96, shown as +5.0
+    assert quality.row_ok(dict(row, knn_trained=0.8203))
+    assert quality.table([row]).splitlines()[-1].endswith("| +5.0 | 8.3 min | 0.0 min | "
+                                                          "≥ +5.0 in 10 min | NO |")
