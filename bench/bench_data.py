@@ -35,10 +35,10 @@ BACKENDS = [
 WORKLOADS = {
     "fmnist-mocov2-tiny": ("fmnist-sample", "mocov2", 32, None, 32, 2),
     "jpeg-dino-tiny": ("jpeg-16", "dino", 224, 2, 4, 1),
-    "fmnist-mocov2": ("fmnist", "mocov2", 32, None, 256, 8),
-    "fmnist-dino": ("fmnist", "dino", 32, 10, 256, 4),
-    "jpeg-mocov2": ("jpeg-256", "mocov2", 224, None, 32, 4),
-    "jpeg-dino": ("jpeg-256", "dino", 224, 10, 32, 2),
+    "fmnist-mocov2": ("fmnist", "mocov2", 32, None, 256, 40),  # steps: ~0.3 s a round
+    "fmnist-dino": ("fmnist", "dino", 32, 10, 256, 16),
+    "jpeg-mocov2": ("jpeg-256", "mocov2", 224, None, 32, 8),
+    "jpeg-dino": ("jpeg-256", "dino", 224, 10, 32, 4),
 }
 PARAMS = [pytest.param(k, marks=() if k.endswith("tiny") else pytest.mark.slow)
           for k in WORKLOADS]

@@ -454,6 +454,57 @@ def test_normalize_is_exact():
     torch.testing.assert_close(out[0], want.float())
 
 
+@pytest.mark.parametrize("chans,out_chans", [(1, 3), (1, 1), (3, 3)])
+def test_normalize_of_uint8_equals_the_float_path(chans, out_chans):
+    # DALI's CPU batches (uint8) take a numpy pass; the portable path (float) takes torch's
+    x = torch.randint(0, 256, (5, 7, 9, chans), dtype=torch.uint8).permute(0, 3, 1, 2)
+    mean, std = (0.485, 0.456, 0.406)[:out_chans], (0.229, 0.224, 0.225)[:out_chans]
+    got = transforms.normalize(x, mean, std, out_chans)
+    want = transforms.normalize(x.float(), mean, std, out_chans)
+    assert got.dtype == torch.float32 and got.shape == (5, out_chans, 7, 9)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+
+
+@needs_dali
+@pytest.mark.parametrize("window", [3, 5, 9, 23])  # <= 5: one 2D kernel; wider: row + column
+def test_dali_cpu_filter_blur_matches_gaussian_blur(window):
+    """The CPU graph blurs with fn.filter and host-made kernels; it must give DALI's own
+    gaussian_blur pixels (within 1 level: float rounding, and uint8 between the row and column
+    passes), and leave the samples with sigma 0 untouched."""
+    from nvidia.dali import fn, pipeline_def
+
+    rng = np.random.default_rng(window)
+    imgs = [rng.integers(0, 256, (31 + i, 26 + 2 * i, 3), dtype=np.uint8) for i in range(6)]
+    sigma = np.array([0, 0.5, 0.7, 1.3, 2.0, 0], np.float32) * max(1, window / 9)
+    view = recipes.View(size=10 * window, blur_p=1.0)  # a view whose kernel is `window` wide
+    assert view.blur_window == window
+    names = dali_mod._blur_names(view, gpu=False)
+    assert names == (["blur_kernel"] if window <= 5 else ["blur_row", "blur_col"])
+    p = np.tile(recipes.IDENTITY, (6, 1))
+    p[:, recipes.SIGMA] = sigma
+    arrays = dali_mod._arg_arrays(view, p, tuple(names))
+
+    @pipeline_def(batch_size=6, num_threads=1, device_id=None)
+    def graph():
+        x, s, *k = fn.external_source(source=lambda: (imgs, np.maximum(sigma, 1e-3), *arrays),
+                                      num_outputs=2 + len(arrays), batch=True,
+                                      layout=["HWC"] + [None] * (1 + len(arrays)))
+        return (dali_mod._filter_blur(x, dict(zip(names, k, strict=True))),
+                fn.gaussian_blur(x, sigma=s, window_size=window))
+
+    pipe = graph()
+    pipe.build()
+    got, want = pipe.run()
+    for i in range(6):
+        a, b = np.asarray(got[i]).astype(int), np.asarray(want[i]).astype(int)
+        assert np.abs(a - b).max() <= 1, (window, i)  # float rounding, uint8 between passes
+        assert np.abs(a - b).mean() < 0.3
+        if sigma[i] == 0:
+            assert np.array_equal(a, imgs[i])
+        else:
+            assert not np.array_equal(a, imgs[i])
+
+
 def test_prefetch_propagates_errors_and_stops_when_abandoned():
     def make(i):
         if i == 3:

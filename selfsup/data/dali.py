@@ -2,26 +2,32 @@
 
 Every input comes through one `fn.external_source` whose callback is keyed by the batch index:
 the images (uint8 HWC arrays, or the encoded bytes of image files, decoded by
-`fn.decoders.image`: "mixed" on GPU, "cpu" otherwise) and one (B, N_PARAMS) parameter matrix
-per view, drawn on the host by recipes.draw_params. The graph uses no DALI random operator,
-so its output is a pure function of what the callback returns: deterministic across runs,
-thread counts, restarts and rebuilds. Per view, on uint8 HWC:
+`fn.decoders.image`: "mixed" on GPU, "cpu" otherwise) and, per view, each per-sample argument
+as its own output (crop box, colour factors, blur kernels or sigma, solarize flag), made on
+the host from the (B, N_PARAMS) matrix of recipes.draw_params. The graph uses no DALI random
+operator, so its output is a pure function of what the callback returns: deterministic across
+runs, thread counts, restarts and rebuilds. Per view, on uint8 HWC:
 
     resize(roi = crop box, x0 > x1 mirrors; linear) -> color_twist (RGB) or
-    brightness_contrast (grey) -> gaussian_blur (sigma > 0) -> solarize lookup table
+    brightness_contrast (grey) -> blur -> solarize lookup table
 
-and the loader turns each view into normalized float32 CHW with the same torch code as the
-portable path (transforms.normalize): measured cheaper than crop_mirror_normalize + fn.cat in
-the graph, and it hands over 4x fewer bytes. Optional ops on views of >= 64 px run under DALI
-conditionals, so only the samples whose coin selected them pay; on small views the
-split/merge costs more than the op, so there every sample is blurred, with sigma ~0 (an
-exact identity) where the coin said no: same pixels either way.
+The blur is gaussian_blur on GPU and fn.filter with host-made Gaussian kernels on CPU (see
+`_blur_names`). The loader turns each view into normalized float32 CHW with
+transforms.normalize (a numpy pass for these uint8 CPU batches): measured cheaper than
+crop_mirror_normalize + fn.cat in the graph, and it hands over 4x fewer bytes. Optional ops on
+views of >= 64 px run under DALI conditionals, so only the samples whose coin selected them
+pay; on small views the split/merge costs more than the op, so there every sample is blurred,
+with an identity kernel where the coin said no: the same pixels either way.
 
-Speed (bench/bench_data.py, 2 shared cores, images/s, DALI CPU vs portable): Fashion-MNIST
-mocov2 2x32 10.8k vs 19.3k, dino 2x32+10x16 3.2k vs 5.1k; 224-320 px JPEGs mocov2 116 vs
-241, dino 2x224+10x96 60 vs 70. DALI's CPU operators (resize, color_twist, gaussian_blur)
-are per-sample scalar loops, while the portable path runs each op once over the batch with
-vectorized torch; DALI's place is the GPU ("mixed" decode and GPU ops).
+Speed (bench/bench_data.py, 2 cores, images/s, DALI CPU vs portable, 2026-12-06): Fashion-
+MNIST mocov2 2x32 33-35k vs 31-40k, dino 2x32+10x16 8.6-9.7k vs 9.0-11.3k; 224-320 px JPEGs
+mocov2 334-355 vs 318-412, dino 2x224+10x96 164-171 vs 152-168. The three changes of that
+day roughly doubled DALI CPU (it was 15-16k, 3.9-4.5k, 178-185, 88-92): one external-source
+output per argument, the fn.filter blur, and normalizing outside torch's OpenMP pool. What
+is left is DALI's own CPU cost, measured on one thread: ~2.2 us per sample for any operator
+(a flip, a crop), ~9 us for a 32-px linear resize, ~22 ns per pixel for color_twist. So
+DALI CPU about matches the batched-torch portable path here; DALI's place is the GPU
+("mixed" decode and GPU ops), which has not been measured.
 
 A corrupt file makes DALI's decoder fail the whole batch: `DaliRunner` then asks its owner to
 find the culprit (loader.py checks the batch's files with Pillow, marks the bad ones and
@@ -34,6 +40,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 
 from .recipes import BRIGHT, CONTRAST, HUE, SAT, SIGMA, SOLARIZE, Recipe, View
@@ -51,36 +58,129 @@ def available() -> bool:
         importlib.util.find_spec("nvidia.dali") is not None
 
 
-def _view(img, p, view: View, src_chans: int, antialias: bool, gpu: bool):
-    """The per-view subgraph on uint8 HWC: crop+resize(+mirror), colour, blur, solarize."""
-    import nvidia.dali.math as dmath
+def _blur_names(view: View, gpu: bool) -> list[str]:
+    """How a view blurs, as the names of its argument inputs.
+
+    GPU: gaussian_blur with a per-sample sigma. CPU: fn.filter with per-sample kernels made on
+    the host (`blur_kernels`), which is OpenCV's vectorized filter2D: DALI's CPU gaussian_blur
+    rebuilds its kernel per sample and runs a scalar loop. Measured on 2 cores: a 224-px RGB
+    view with a 23-tap blur, 3.2-3.6 ms (gaussian_blur) vs 0.35-0.42 ms (a row then a column
+    fn.filter), 8x; with one argument output per parameter (`_arg_names`), the whole 32-px
+    grey mocov2 graph went from 24k to 42k img/s. Windows up to 5 use one 2D kernel (one op:
+    DALI's per-op overhead is ~2 us per sample); wider ones a row and a column pass, rounded
+    to uint8 in between (at most 1 level off gaussian_blur, 0.13 on average). Views under a
+    blur conditional also get `sigma`, the predicate; elsewhere the samples the coin skipped
+    get an identity kernel."""
+    if view.blur_p == 0:
+        return []
+    if gpu:
+        return ["sigma"]
+    pred = ["sigma"] if _blur_conditional(view) else []
+    return pred + (["blur_kernel"] if view.blur_window <= 5 else ["blur_row", "blur_col"])
+
+
+def _blur_conditional(view: View) -> bool:
+    return _conditional(view) and view.blur_p < 1
+
+
+def _arg_names(view: View, src_chans: int, gpu: bool) -> tuple[str, ...]:
+    """The per-sample argument inputs of one view's subgraph, in external-source order.
+
+    Each one is its own external-source output, made on the host by `_arg_arrays`: slicing one
+    parameter matrix inside the graph (p[0:2], p[BRIGHT], ...) runs a DALI operator per slice
+    and per sample (~2 us each on this CPU), as much as the crop+resize of a 32-px view."""
+    names = ["roi_start", "roi_end"]
+    if view.has_color:
+        names += ["bright", "contrast"] + (["sat", "hue"] if src_chans == 3 else [])
+    names += _blur_names(view, gpu)
+    if view.solarize_p > 0:
+        names.append("solarize")
+    return tuple(names)
+
+
+def _arg_arrays(view: View, p: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+    """The host arrays behind `_arg_names`, from one (B, N_PARAMS) parameter matrix."""
+    cols = {"bright": BRIGHT, "contrast": CONTRAST, "sat": SAT, "hue": HUE}
+    k = view.blur_window
+    out = []
+    for name in names:
+        if name == "roi_start":
+            a = p[:, 0:2]
+        elif name == "roi_end":
+            a = p[:, 2:4]
+        elif name in cols:
+            a = p[:, cols[name]]
+        elif name == "sigma":  # 0 = no blur: the conditional's flag, or a tiny identity blur
+            a = p[:, SIGMA] if _blur_conditional(view) else np.maximum(p[:, SIGMA], 1e-3)
+        elif name == "blur_kernel":
+            g = blur_kernels(p[:, SIGMA], k)
+            a = g[:, :, None] * g[:, None, :]
+        elif name == "blur_row":
+            a = blur_kernels(p[:, SIGMA], k)[:, None, :]
+        elif name == "blur_col":
+            a = blur_kernels(p[:, SIGMA], k)[:, :, None]
+        else:  # solarize: a uint8 flag, multiplied into the uint8 arithmetic as is
+            a = (p[:, SOLARIZE] > 0).astype(np.uint8)
+        out.append(np.ascontiguousarray(a, dtype=np.uint8 if name == "solarize" else np.float32))
+    return out
+
+
+def blur_kernels(sigma: np.ndarray, window: int) -> np.ndarray:
+    """(B, window) float64 1D Gaussian kernels, as DALI's gaussian_blur builds them
+    (normalized exp(-x^2 / 2 sigma^2)); sigma <= 0 gives the identity, a 1 in the centre."""
+    r = np.arange(window, dtype=np.float64) - window // 2
+    s = np.maximum(sigma.astype(np.float64), 1e-3)[:, None]
+    g = np.exp(-r[None] ** 2 / (2 * s * s))
+    return g / g.sum(1, keepdims=True)
+
+
+def _conditional(view: View) -> bool:
+    return view.size >= CONDITIONAL_MIN_SIZE
+
+
+def _filter_blur(y, a: dict):
+    from nvidia.dali import fn
+
+    if "blur_kernel" in a:
+        return fn.filter(y, a["blur_kernel"], border="101")
+    return fn.filter(fn.filter(y, a["blur_row"], border="101"), a["blur_col"], border="101")
+
+
+def _view(img, a: dict, view: View, src_chans: int, antialias: bool, gpu: bool):
+    """The per-view subgraph on uint8 HWC: crop+resize(+mirror), colour, blur, solarize.
+
+    `a` maps `_arg_names` to their external-source nodes."""
     from nvidia.dali import fn, types
 
     # a box with x0 > x1 is mirrored by the resize itself: no separate flip op
-    y = fn.resize(img, size=[view.size, view.size], roi_start=p[0:2], roi_end=p[2:4],
-                  roi_relative=True, interp_type=types.INTERP_LINEAR, antialias=antialias)
+    y = fn.resize(img, size=[view.size, view.size], roi_start=a["roi_start"],
+                  roi_end=a["roi_end"], roi_relative=True, interp_type=types.INTERP_LINEAR,
+                  antialias=antialias)
     if view.has_color:
         if src_chans == 3:
-            y = fn.color_twist(y, brightness=p[BRIGHT], contrast=p[CONTRAST],
-                               saturation=p[SAT], hue=p[HUE])
+            y = fn.color_twist(y, brightness=a["bright"], contrast=a["contrast"],
+                               saturation=a["sat"], hue=a["hue"])
         else:  # saturation and hue are no-ops on grey
-            y = fn.brightness_contrast(y, brightness=p[BRIGHT], contrast=p[CONTRAST],
+            y = fn.brightness_contrast(y, brightness=a["bright"], contrast=a["contrast"],
                                        contrast_center=128.0)
-    cond = view.size >= CONDITIONAL_MIN_SIZE
+    cond = _conditional(view)
     if view.blur_p > 0:
         k = view.blur_window
-        if cond and view.blur_p < 1:
-            if p[SIGMA] > 0:
-                y = fn.gaussian_blur(y, sigma=p[SIGMA], window_size=k)
-        else:  # sigma 1e-3 -> the kernel is exactly [0, 1, 0]: identity
-            y = fn.gaussian_blur(y, sigma=dmath.max(p[SIGMA], 1e-3), window_size=k)
+        if _blur_conditional(view):
+            if a["sigma"] > 0:
+                y = fn.gaussian_blur(y, sigma=a["sigma"], window_size=k) if gpu else \
+                    _filter_blur(y, a)
+        elif gpu:  # sigma 1e-3 -> the kernel is exactly [0, 1, 0]: identity
+            y = fn.gaussian_blur(y, sigma=a["sigma"], window_size=k)
+        else:  # identity kernels where the coin said no: the same pixels
+            y = _filter_blur(y, a)
     if view.solarize_p > 0:
         if cond or gpu:  # GPU arithmetic cannot take the per-sample CPU flag: use `if`
-            if p[SOLARIZE] > 0:
+            if a["solarize"] > 0:
                 y = fn.lookup_table(y, keys=list(range(256)), values=SOLARIZE_LUT,
                                     dtype=types.UINT8)
         else:  # x + on * (255 - 2x), on = solarize & (x >= 128)
-            on = fn.cast(y >= 128, dtype=types.UINT8) * fn.cast(p[SOLARIZE], dtype=types.UINT8)
+            on = fn.cast(y >= 128, dtype=types.UINT8) * a["solarize"]
             y = fn.cast(y + on * (255 - y - y), dtype=types.UINT8)
     return y
 
@@ -97,25 +197,35 @@ def build_pipeline(recipe: Recipe, source: Callable[[int], tuple], *, encoded: b
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
-    n_views = len(recipe.views)
+    names = [_arg_names(v, src_chans, gpu) for v in recipe.views]
+    flat = [n for ns in names for n in ns]
+
+    def feed(i: int):  # (images, params per view) -> (images, every view's argument arrays)
+        data, *params = source(i)
+        return (data, *(a for v, p, ns in zip(recipe.views, params, names, strict=True)
+                        for a in _arg_arrays(v, p, ns)))
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   enable_conditionals=True, prefetch_queue_depth=prefetch,
                   exec_async=True, exec_pipelined=True)
     def graph():
-        data, *params = fn.external_source(
-            source=source, num_outputs=1 + n_views, batch=True,
-            layout=[None if encoded else "HWC"] + [None] * n_views,
-            dtype=[types.UINT8] + [types.FLOAT] * n_views)
+        data, *args = fn.external_source(
+            source=feed, num_outputs=1 + len(flat), batch=True,
+            layout=[None if encoded else "HWC"] + [None] * len(flat),
+            dtype=[types.UINT8] + [types.UINT8 if n == "solarize" else types.FLOAT
+                                   for n in flat])
         if encoded:
             img = fn.decoders.image(data, device="mixed" if gpu else "cpu",
                                     output_type=types.RGB if src_chans == 3 else types.GRAY,
                                     adjust_orientation=False)  # as Pillow: EXIF not applied
         else:
             img = data.gpu() if gpu else data
-        # no strict=: DALI's conditionals (autograph) replace zip with one that lacks it
-        return tuple(_view(img, p, v, src_chans, src_side is None or src_side > v.size, gpu)
-                     for v, p in zip(recipe.views, params))  # noqa: B905
+        outs, k = [], 0
+        for v, ns in zip(recipe.views, names):  # noqa: B905 - autograph's zip lacks strict=
+            outs.append(_view(img, dict(zip(ns, args[k:k + len(ns)])), v, src_chans,  # noqa: B905
+                              src_side is None or src_side > v.size, gpu))
+            k += len(ns)
+        return tuple(outs)
 
     pipe = graph()
     pipe.build()
