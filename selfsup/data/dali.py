@@ -19,15 +19,16 @@ views of >= 64 px run under DALI conditionals, so only the samples whose coin se
 pay; on small views the split/merge costs more than the op, so there every sample is blurred,
 with an identity kernel where the coin said no: the same pixels either way.
 
-Speed (bench/bench_data.py, 2 cores, images/s, DALI CPU vs portable, 2026-12-06): Fashion-
-MNIST mocov2 2x32 33-35k vs 31-40k, dino 2x32+10x16 8.6-9.7k vs 9.0-11.3k; 224-320 px JPEGs
-mocov2 334-355 vs 318-412, dino 2x224+10x96 164-171 vs 152-168. The three changes of that
-day roughly doubled DALI CPU (it was 15-16k, 3.9-4.5k, 178-185, 88-92): one external-source
-output per argument, the fn.filter blur, and normalizing outside torch's OpenMP pool. What
-is left is DALI's own CPU cost, measured on one thread: ~2.2 us per sample for any operator
-(a flip, a crop), ~9 us for a 32-px linear resize, ~22 ns per pixel for color_twist. So
-DALI CPU about matches the batched-torch portable path here; DALI's place is the GPU
-("mixed" decode and GPU ops), which has not been measured.
+Speed (bench/bench_data.py, 2 cores, images/s, DALI CPU vs portable, 2026-12-06, three
+runs; bench/results/cpu/data.md): Fashion-MNIST mocov2 2x32 41.6-44.9k vs 30.7-42.4k, dino
+2x32+10x16 7.9-11.2k vs 11.8-14.7k; 224-320 px JPEGs mocov2 366-391 vs 357-419, dino
+2x224+10x96 149-170 vs 151-200. Three changes that day made DALI CPU 1.4-2.7x faster (it was
+16.7k, 4.3k, 182, 104): one external-source output per argument, the fn.filter blur, and
+normalizing outside torch's OpenMP pool. What is left is DALI's own CPU cost, measured on
+one thread: ~2.2 us per sample for any operator (a flip, a crop), ~9 us for a 32-px linear
+resize, ~22 ns per pixel for color_twist. So DALI CPU about matches the batched-torch
+portable path here; DALI's place is the GPU ("mixed" decode and GPU ops), which has not
+been measured.
 
 A corrupt file makes DALI's decoder fail the whole batch: `DaliRunner` then asks its owner to
 find the culprit (loader.py checks the batch's files with Pillow, marks the bad ones and
