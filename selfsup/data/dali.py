@@ -102,7 +102,9 @@ def _arg_names(view: View, src_chans: int, gpu: bool) -> tuple[str, ...]:
 def _arg_arrays(view: View, p: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
     """The host arrays behind `_arg_names`, from one (B, N_PARAMS) parameter matrix."""
     cols = {"bright": BRIGHT, "contrast": CONTRAST, "sat": SAT, "hue": HUE}
-    k = view.blur_window
+    # the 1D kernels, once for whichever of blur_kernel / blur_row / blur_col the view takes
+    g = blur_kernels(p[:, SIGMA], view.blur_window) if any(
+        n.startswith("blur_") for n in names) else None
     out = []
     for name in names:
         if name == "roi_start":
@@ -114,12 +116,11 @@ def _arg_arrays(view: View, p: np.ndarray, names: tuple[str, ...]) -> list[np.nd
         elif name == "sigma":  # 0 = no blur: the conditional's flag, or a tiny identity blur
             a = p[:, SIGMA] if _blur_conditional(view) else np.maximum(p[:, SIGMA], 1e-3)
         elif name == "blur_kernel":
-            g = blur_kernels(p[:, SIGMA], k)
             a = g[:, :, None] * g[:, None, :]
         elif name == "blur_row":
-            a = blur_kernels(p[:, SIGMA], k)[:, None, :]
+            a = g[:, None, :]
         elif name == "blur_col":
-            a = blur_kernels(p[:, SIGMA], k)[:, :, None]
+            a = g[:, :, None]
         else:  # solarize: a uint8 flag, multiplied into the uint8 arithmetic as is
             a = (p[:, SOLARIZE] > 0).astype(np.uint8)
         out.append(np.ascontiguousarray(a, dtype=np.uint8 if name == "solarize" else np.float32))

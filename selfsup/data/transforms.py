@@ -113,8 +113,8 @@ def normalize(x: torch.Tensor, mean, std, out_chans: int) -> torch.Tensor:
     """[0, 255] (B, C, H, W), any dtype -> float32 normalized (B, out_chans, H, W).
 
     Grey is replicated to out_chans. Both backends end here: the portable path with float32,
-    DALI with uint8 HWC permuted to CHW, which on the CPU takes the numpy pass below (equal to
-    this one to float32 rounding; tested)."""
+    DALI with uint8 HWC permuted to CHW, which on the CPU takes the numpy pass below (the
+    same floats as this one; tested exactly)."""
     b, c, h, w = x.shape
     if x.dtype == torch.uint8 and x.device.type == "cpu":
         return _normalize_uint8_cpu(x, mean, std, out_chans)
