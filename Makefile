@@ -13,12 +13,15 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # Re-runs only when the dependency declaration or this file changes.
-$(STAMP): pyproject.toml Makefile scripts/install_data.sh
+$(STAMP): pyproject.toml Makefile scripts/install_data.sh selfsup/data/csrc/view_op.cc
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	bash scripts/install_data.sh $(PY)
+	# the fused DALI CPU operator (selfsup/data/dali_plugin.py); best effort: without a
+	# C++ compiler DALI CPU pipelines keep DALI's stock operators
+	$(PY) -m selfsup.data.dali_plugin || echo "install: fused DALI operator not built" >&2
 	touch $@
 
 demo: install

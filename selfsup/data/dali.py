@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from . import dali_plugin
 from .recipes import BRIGHT, CONTRAST, HUE, SAT, SIGMA, SOLARIZE, Recipe, View
 
 SOLARIZE_LUT = [k if k < 128 else 255 - k for k in range(256)]
@@ -187,23 +188,49 @@ def _view(img, a: dict, view: View, src_chans: int, antialias: bool, gpu: bool):
     return y
 
 
+def norm_constants(recipe: Recipe) -> tuple[list[float], list[float]]:
+    """transforms.normalize's float32 scale and shift per channel, as exact Python floats."""
+    scale = [float(np.float32(1 / (255 * s))) for s in recipe.std]
+    shift = [float(np.float32(-m / s)) for m, s in zip(recipe.mean, recipe.std, strict=True)]
+    return scale, shift
+
+
+def _fused_view(img, p, view: View, recipe: Recipe, antialias: bool, norm: tuple):
+    """The whole view in one operator (csrc/view_op.cc): normalized float32 CHW."""
+    from nvidia.dali import fn
+
+    return fn.selfsup_view(img, p, size=view.size, antialias=antialias,
+                           blur_window=view.blur_window if view.blur_p > 0 else 0,
+                           out_chans=recipe.in_chans, scale=norm[0], shift=norm[1])
+
+
 def build_pipeline(recipe: Recipe, source: Callable[[int], tuple], *, encoded: bool,
                    src_chans: int, batch_size: int, num_threads: int, device_id: int | None,
-                   src_side: int | None = None, prefetch: int = 2):
+                   src_side: int | None = None, prefetch: int = 2, fused: bool | None = None):
     """A built DALI pipeline for `recipe`; `source(i)` returns (images, params_0, ...).
 
-    Outputs: one uint8 (B, S, S, src_chans) batch per view (loader.py normalizes them).
+    Outputs, one batch per view: normalized float32 (B, C, S, S) from the fused CPU operator
+    (`fused`: None = whenever dali_plugin loads; GPU pipelines never fuse), else uint8
+    (B, S, S, src_chans) from DALI's stock operators (loader.py normalizes those).
     src_side: the largest side of array sources (None for files); when no crop of a view can
     exceed its output size, antialiasing is off (it only acts when shrinking, and costs).
     """
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
-    names = [_arg_names(v, src_chans, gpu) for v in recipe.views]
+    if fused is None:
+        fused = not gpu and dali_plugin.enabled() and dali_plugin.load()
+    elif fused and (gpu or not dali_plugin.load()):
+        raise RuntimeError("fused=True needs a CPU pipeline and the fused operator "
+                           "(selfsup.data.dali_plugin), which is unavailable here")
+    names = [("params",) if fused else _arg_names(v, src_chans, gpu) for v in recipe.views]
     flat = [n for ns in names for n in ns]
+    norm = norm_constants(recipe)  # here: autograph's zip inside graph() lacks strict=
 
     def feed(i: int):  # (images, params per view) -> (images, every view's argument arrays)
         data, *params = source(i)
+        if fused:
+            return (data, *(np.ascontiguousarray(p, dtype=np.float32) for p in params))
         return (data, *(a for v, p, ns in zip(recipe.views, params, names, strict=True)
                         for a in _arg_arrays(v, p, ns)))
 
@@ -224,8 +251,12 @@ def build_pipeline(recipe: Recipe, source: Callable[[int], tuple], *, encoded: b
             img = data.gpu() if gpu else data
         outs, k = [], 0
         for v, ns in zip(recipe.views, names):  # noqa: B905 - autograph's zip lacks strict=
-            outs.append(_view(img, dict(zip(ns, args[k:k + len(ns)])), v, src_chans,  # noqa: B905
-                              src_side is None or src_side > v.size, gpu))
+            antialias = src_side is None or src_side > v.size
+            if fused:
+                outs.append(_fused_view(img, args[k], v, recipe, antialias, norm))
+            else:
+                outs.append(_view(img, dict(zip(ns, args[k:k + len(ns)])), v, src_chans,  # noqa: B905
+                                  antialias, gpu))
             k += len(ns)
         return tuple(outs)
 
@@ -235,7 +266,8 @@ def build_pipeline(recipe: Recipe, source: Callable[[int], tuple], *, encoded: b
 
 
 def to_torch(tl, gpu: bool) -> torch.Tensor:
-    """A dense uint8 DALI TensorList -> a torch tensor (copied: DALI reuses its buffers)."""
+    """A dense uint8 or float32 DALI TensorList -> a torch tensor (copied: DALI reuses its
+    buffers)."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     if gpu:

@@ -324,8 +324,10 @@ class Loader:
         r = self.recipe
         for views, (labels, _) in self._runner.run(
                 len(self), lambda i: self._dali_prepare(order, i), self._dali_recover):
+            # stock operators: uint8 (B, S, S, C) -> float32 (B, C', S, S); the fused
+            # operator's views are normalized already
             views = [transforms.normalize(v.permute(0, 3, 1, 2), r.mean, r.std, r.in_chans)
-                     for v in views]  # uint8 (B, S, S, C) -> float32 (B, C', S, S)
+                     if v.dtype == torch.uint8 else v for v in views]
             yield views, torch.from_numpy(labels)
 
 
