@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml Makefile scripts/install_data.sh selfsup/data/csrc/view
 	bash scripts/install_data.sh $(PY)
 	# the fused DALI CPU operator (selfsup/data/dali_plugin.py); best effort: without a
 	# C++ compiler DALI CPU pipelines keep DALI's stock operators
-	$(PY) -m selfsup.data.dali_plugin || echo "install: fused DALI operator not built" >&2
+	$(PY) -c "from selfsup.data import dali_plugin; print(dali_plugin.build())" \
+		|| echo "install: fused DALI operator not built" >&2
 	touch $@
 
 demo: install

@@ -2,38 +2,41 @@
 
 Every input comes through one `fn.external_source` whose callback is keyed by the batch index:
 the images (uint8 HWC arrays, or the encoded bytes of image files, decoded by
-`fn.decoders.image`: "mixed" on GPU, "cpu" otherwise) and, per view, each per-sample argument
-as its own output (crop box, colour factors, blur kernels or sigma, solarize flag), made on
-the host from the (B, N_PARAMS) matrix of recipes.draw_params. The graph uses no DALI random
-operator, so its output is a pure function of what the callback returns: deterministic across
-runs, thread counts, restarts and rebuilds. Per view, on uint8 HWC:
+`fn.decoders.image`: "mixed" on GPU, "cpu" otherwise) and, per view, the per-sample
+parameters made on the host by recipes.draw_params. The graph uses no DALI random operator,
+so its output is a pure function of what the callback returns: deterministic across runs,
+thread counts, restarts and rebuilds. Each view is, on uint8 HWC:
 
-    resize(roi = crop box, x0 > x1 mirrors; linear) -> color_twist (RGB) or
-    brightness_contrast (grey) -> blur -> solarize lookup table
+    resize(roi = crop box, x0 > x1 mirrors; linear) -> colour twist -> blur -> solarize
+    -> normalize to float32 CHW
 
-The blur is gaussian_blur on GPU and fn.filter with host-made Gaussian kernels on CPU (see
-`_blur_names`). The loader turns each view into normalized float32 CHW with
-transforms.normalize (a numpy pass for these uint8 CPU batches): measured cheaper than
-crop_mirror_normalize + fn.cat in the graph, and it hands over 4x fewer bytes. Optional ops on
-views of >= 64 px run under DALI conditionals, so only the samples whose coin selected them
-pay; on small views the split/merge costs more than the op, so there every sample is blurred,
-with an identity kernel where the coin said no: the same pixels either way.
+Two implementations of that view:
 
-Speed (bench/bench_data.py, 2 cores, images/s, DALI CPU vs portable, 2026-12-06, three
-runs; bench/results/cpu/data.md): Fashion-MNIST mocov2 2x32 41.6-44.9k vs 30.7-42.4k, dino
-2x32+10x16 7.9-11.2k vs 11.8-14.7k; 224-320 px JPEGs mocov2 366-391 vs 357-419, dino
-2x224+10x96 149-170 vs 151-200. Three changes that day made DALI CPU 1.4-2.7x faster (it was
-16.7k, 4.3k, 182, 104): one external-source output per argument, the fn.filter blur, and
-normalizing outside torch's OpenMP pool. What is left is DALI's own CPU cost, measured on
-one thread: ~2.2 us per sample for any operator (a flip, a crop), ~9 us for a 32-px linear
-resize, ~22 ns per pixel for color_twist. So DALI CPU about matches the batched-torch
-portable path here; DALI's place is the GPU ("mixed" decode and GPU ops), which has not
-been measured.
+- CPU: one fused operator, `fn.selfsup_view` (csrc/view_op.cc, built and loaded by
+  dali_plugin.py), fed the (B, N_PARAMS) parameter matrix as is. DALI's stock CPU operators
+  cost ~2.2 us per sample each before any pixel work, ~9 us for a 32-px resize and ~20 ns
+  per pixel for color_twist, and a view needs 3-5 of them plus a numpy normalization; the
+  fused operator does the view in one pass per sample on DALI's thread pool. It computes what
+  the stock graph computes (tests/test_dali_fused.py: against a float64 reference, and
+  within one level of the stock graph on grey images; ~2e-5 of the values of whole quality
+  runs differ, by one level: bench/fused_parity.py).
+- GPU, and CPU where the operator cannot be built (no C++ compiler) or SELFSUP_DALI_PLUGIN=0:
+  DALI's stock operators, each per-sample argument its own external-source output (slicing
+  one matrix in the graph runs an operator per slice and per sample): resize, color_twist
+  (RGB) or brightness_contrast (grey), blur (gaussian_blur on GPU; on CPU fn.filter with
+  host-made kernels, `_blur_names`), solarize; the loader normalizes the uint8 views
+  (transforms.normalize). Optional ops on views of >= 64 px run under DALI conditionals, so
+  only the samples whose coin selected them pay; on small views the split/merge costs more
+  than the op, so there every sample is blurred, with an identity kernel where the coin said
+  no: the same pixels either way.
+
+Speed: bench/bench_data.py, README "Augmentation throughput" and bench/results/cpu/data.md.
 
 A corrupt file makes DALI's decoder fail the whole batch: `DaliRunner` then asks its owner to
 find the culprit (loader.py checks the batch's files with Pillow, marks the bad ones and
-substitutes them) and rebuilds the pipeline at that batch. Outputs are torch uint8 tensors
-(CPU, or CUDA on the current stream for GPU pipelines).
+substitutes them) and rebuilds the pipeline at that batch. Outputs are torch tensors (CPU, or
+CUDA on the current stream for GPU pipelines): float32 CHW from the fused operator, uint8 HWC
+from the stock graph.
 """
 
 from __future__ import annotations

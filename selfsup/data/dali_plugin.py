@@ -9,8 +9,8 @@ include even for CPU code: $CUDA_HOME, /usr/local/cuda, or the copy that ships w
 The shared object is cached under $SELFSUP_CACHE (default ~/.cache/selfsup), keyed by the
 source, DALI's version, the compiler, the flags and this CPU's instruction-set flags (it is
 built with -march=native), and written atomically, so concurrent processes never load a
-half-written file. SELFSUP_DALI_PLUGIN=0 keeps the stock operators. `python -m
-selfsup.data.dali_plugin` builds it and prints where it is (`make install` runs this).
+half-written file. SELFSUP_DALI_PLUGIN=0 keeps the stock operators. `make install` builds
+it ahead of time: python -c "from selfsup.data import dali_plugin; print(dali_plugin.build())"
 """
 
 from __future__ import annotations
@@ -130,8 +130,3 @@ def _load(make) -> bool:
                       "CPU pipelines use DALI's stock operators, which are slower",
                       stacklevel=3)
         return False
-
-
-if __name__ == "__main__":
-    p = build(verbose="-v" in sys.argv)
-    print(p)
