@@ -14,8 +14,8 @@ from __future__ import annotations
 import sys
 
 # The no-argument demo: bench/quality.py's MAE recipe (ViT-tiny, patch 4, 16-px Fashion-MNIST,
-# batch 128 x 520 steps, a 0.5 mask, norm_pix off; about 8 CPU minutes, +5.0 k-NN points).
-# MoCo v1, BYOL, SimSiam and SimCLR gain more (+5.4 to +5.7), but in bf16, slow on CPUs without it;
+# batch 128 x 520 steps, a 0.5 mask, norm_pix off; about 6 CPU minutes, +5.2 k-NN points).
+# MoCo v1, BYOL, SimSiam and SimCLR gain more (+5.5 to +5.8), but in bf16, slow on CPUs without it;
 # this runs in fp32 everywhere. tests/test_quality.py checks it against quality.py's row.
 DEMO = ["--method", "mae", "--arch", "vit_tiny", "--patch-size", "4", "--img-size", "16",
         "--steps", "520", "--batch-size", "128", "--optimizer", "adamw", "--lr", "1e-3",
