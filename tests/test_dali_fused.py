@@ -282,3 +282,21 @@ def test_fused_output_does_not_depend_on_threads(plugin):
         return pp.run()[0].as_array()
 
     assert np.array_equal(go(1), go(2))
+
+
+def test_cuda_headers_need_cccl(monkeypatch, tmp_path):
+    """DALI's headers include cuda_fp16.h, which needs CCCL's <nv/target>: a header dir
+    without it (e.g. Triton's bundled copy) is passed over."""
+    partial, full = tmp_path / "partial" / "include", tmp_path / "full" / "include"
+    for d in (partial, full):
+        d.mkdir(parents=True)
+        (d / "cuda_runtime_api.h").write_text("")
+    (full / "cccl" / "nv").mkdir(parents=True)
+    (full / "cccl" / "nv" / "target").write_text("")
+    monkeypatch.setenv("CUDA_HOME", str(partial.parent))
+    try:
+        assert str(partial) not in dali_plugin._cuda_includes()
+    except dali_plugin.PluginError:
+        pass  # no complete CUDA headers elsewhere on this machine: also not `partial`
+    monkeypatch.setenv("CUDA_HOME", str(full.parent))
+    assert dali_plugin._cuda_includes() == [str(full), str(full / "cccl")]

@@ -4,7 +4,8 @@ DALI CPU pipelines use it when it loads (dali.py); otherwise they keep DALI's st
 which compute the same view (see view_op.cc for what differs: one rounding in the blur,
 a triangle antialias). It is compiled for this machine with the system C++ compiler against
 DALI's headers (nvidia.dali.sysconfig) and the CUDA runtime headers, which DALI's headers
-include even for CPU code: $CUDA_HOME, /usr/local/cuda, or the copy that ships with Triton.
+include even for CPU code: $CUDA_HOME, /usr/local/cuda*, or Triton's bundled copy where that
+is complete (it needs CCCL's <nv/target>).
 
 The shared object is cached under $SELFSUP_CACHE (default ~/.cache/selfsup), keyed by the
 source, DALI's version, the compiler, the flags and this CPU's instruction-set flags (it is
@@ -41,7 +42,9 @@ def enabled() -> bool:
     return os.environ.get("SELFSUP_DALI_PLUGIN", "1") != "0"
 
 
-def _cuda_include() -> str:
+def _cuda_includes() -> list[str]:
+    """Include dirs with the CUDA runtime headers and CCCL's <nv/target> (cuda_fp16.h, which
+    DALI's float16.h includes, needs it; CUDA 13 keeps it under include/cccl)."""
     cands = [os.path.join(os.environ[k], "include") for k in ("CUDA_HOME", "CUDA_PATH")
              if os.environ.get(k)]
     cands += ["/usr/local/cuda/include", *sorted(glob.glob("/usr/local/cuda-*/include"))]
@@ -53,10 +56,14 @@ def _cuda_include() -> str:
     except ImportError:
         pass
     for c in cands:
-        if os.path.isfile(os.path.join(c, "cuda_runtime_api.h")):
-            return c
-    raise PluginError("no CUDA runtime headers (cuda_runtime_api.h) found; DALI's headers need "
-                      "them. Set CUDA_HOME, or install triton, which ships a copy")
+        if not os.path.isfile(os.path.join(c, "cuda_runtime_api.h")):
+            continue
+        dirs = [c] + [d for d in (os.path.join(c, "cccl"),) if os.path.isdir(d)]
+        if any(os.path.isfile(os.path.join(d, "nv", "target")) for d in dirs):
+            return dirs
+    raise PluginError("no CUDA runtime headers with CCCL's nv/target found (DALI's headers "
+                      f"include them even for CPU code; looked in {cands}); set CUDA_HOME to "
+                      "a CUDA toolkit")
 
 
 def _cpu_flags() -> str:
@@ -85,7 +92,8 @@ def build(verbose: bool = False) -> Path:
     from nvidia.dali import sysconfig
 
     cxx, ver = _compiler()
-    cmd_tail = [*sysconfig.get_compile_flags(), "-isystem", _cuda_include(), *FLAGS]
+    inc = [f for d in _cuda_includes() for f in ("-isystem", d)]
+    cmd_tail = [*sysconfig.get_compile_flags(), *inc, *FLAGS]
     key = hashlib.sha256("\n".join([SOURCE.read_text(), dali.__version__, ver, *cmd_tail,
                                     _cpu_flags(), sys.platform]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("SELFSUP_CACHE", Path.home() / ".cache" / "selfsup"))
