@@ -76,11 +76,11 @@ def reference_view(img, p, size, window, antialias, scale, shift, out_chans):
     return out.astype(np.float32)
 
 
-def run_op(images, params, **kw):
+def run_op(images, params, threads=2, **kw):
     """fn.selfsup_view over one batch: list of uint8 HWC arrays, (B, 11) float32."""
     from nvidia.dali import fn, pipeline_def
 
-    @pipeline_def(batch_size=len(images), num_threads=2, device_id=None)
+    @pipeline_def(batch_size=len(images), num_threads=threads, device_id=None)
     def pipe():
         x, p = fn.external_source(source=lambda: (images, list(params)), num_outputs=2,
                                   batch=True, layout=["HWC", None])
@@ -267,21 +267,10 @@ def test_fused_output_does_not_depend_on_threads(plugin):
     images = [rng.integers(0, 256, (int(rng.integers(20, 50)), 33, 3), dtype=np.uint8)
               for _ in range(24)]
     params = random_params(rng, 24)
-    from nvidia.dali import fn, pipeline_def
-
-    def go(threads):
-        @pipeline_def(batch_size=24, num_threads=threads, device_id=None)
-        def pipe():
-            x, p = fn.external_source(source=lambda: (images, list(params)), num_outputs=2,
-                                      batch=True, layout=["HWC", None])
-            return fn.selfsup_view(x, p, size=21, blur_window=3, out_chans=3, antialias=True,
-                                   scale=[1.0] * 3, shift=[0.0] * 3)
-
-        pp = pipe()
-        pp.build()
-        return pp.run()[0].as_array()
-
-    assert np.array_equal(go(1), go(2))
+    kw = dict(size=21, blur_window=3, out_chans=3, antialias=True, scale=[1.0] * 3,
+              shift=[0.0] * 3)
+    assert np.array_equal(run_op(images, params, threads=1, **kw),
+                          run_op(images, params, threads=2, **kw))
 
 
 def test_cuda_headers_need_cccl(monkeypatch, tmp_path):

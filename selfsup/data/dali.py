@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from . import dali_plugin
+from . import dali_plugin, transforms
 from .recipes import BRIGHT, CONTRAST, HUE, SAT, SIGMA, SOLARIZE, Recipe, View
 
 SOLARIZE_LUT = [k if k < 128 else 255 - k for k in range(256)]
@@ -191,13 +191,6 @@ def _view(img, a: dict, view: View, src_chans: int, antialias: bool, gpu: bool):
     return y
 
 
-def norm_constants(recipe: Recipe) -> tuple[list[float], list[float]]:
-    """transforms.normalize's float32 scale and shift per channel, as exact Python floats."""
-    scale = [float(np.float32(1 / (255 * s))) for s in recipe.std]
-    shift = [float(np.float32(-m / s)) for m, s in zip(recipe.mean, recipe.std, strict=True)]
-    return scale, shift
-
-
 def _fused_view(img, p, view: View, recipe: Recipe, antialias: bool, norm: tuple):
     """The whole view in one operator (csrc/view_op.cc): normalized float32 CHW."""
     from nvidia.dali import fn
@@ -209,26 +202,22 @@ def _fused_view(img, p, view: View, recipe: Recipe, antialias: bool, norm: tuple
 
 def build_pipeline(recipe: Recipe, source: Callable[[int], tuple], *, encoded: bool,
                    src_chans: int, batch_size: int, num_threads: int, device_id: int | None,
-                   src_side: int | None = None, prefetch: int = 2, fused: bool | None = None):
+                   src_side: int | None = None, prefetch: int = 2):
     """A built DALI pipeline for `recipe`; `source(i)` returns (images, params_0, ...).
 
     Outputs, one batch per view: normalized float32 (B, C, S, S) from the fused CPU operator
-    (`fused`: None = whenever dali_plugin loads; GPU pipelines never fuse), else uint8
-    (B, S, S, src_chans) from DALI's stock operators (loader.py normalizes those).
+    (whenever dali_plugin loads it; GPU pipelines never fuse), else uint8 (B, S, S, src_chans)
+    from DALI's stock operators (loader.py normalizes those).
     src_side: the largest side of array sources (None for files); when no crop of a view can
     exceed its output size, antialiasing is off (it only acts when shrinking, and costs).
     """
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
-    if fused is None:
-        fused = not gpu and dali_plugin.enabled() and dali_plugin.load()
-    elif fused and (gpu or not dali_plugin.load()):
-        raise RuntimeError("fused=True needs a CPU pipeline and the fused operator "
-                           "(selfsup.data.dali_plugin), which is unavailable here")
+    fused = not gpu and dali_plugin.enabled() and dali_plugin.load()
     names = [("params",) if fused else _arg_names(v, src_chans, gpu) for v in recipe.views]
     flat = [n for ns in names for n in ns]
-    norm = norm_constants(recipe)  # here: autograph's zip inside graph() lacks strict=
+    norm = transforms.norm_constants(recipe.mean, recipe.std, recipe.in_chans)
 
     def feed(i: int):  # (images, params per view) -> (images, every view's argument arrays)
         data, *params = source(i)

@@ -86,7 +86,7 @@ def _compiler() -> tuple[str, str]:
     return cxx, ver
 
 
-def build(verbose: bool = False) -> Path:
+def build() -> Path:
     """Compile the operator if no cached build matches; returns the shared object's path."""
     import nvidia.dali as dali
     from nvidia.dali import sysconfig
@@ -104,8 +104,6 @@ def build(verbose: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     cmd = [cxx, str(SOURCE), "-o", tmp, *cmd_tail, *sysconfig.get_link_flags()]
-    if verbose:
-        print(" ".join(cmd))
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if r.returncode != 0:

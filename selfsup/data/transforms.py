@@ -125,6 +125,14 @@ def normalize(x: torch.Tensor, mean, std, out_chans: int) -> torch.Tensor:
     return out
 
 
+def norm_constants(mean, std, out_chans: int) -> tuple[list[float], list[float]]:
+    """The float32 scale 1 / (255 std) and shift -mean / std per output channel, as exact
+    Python floats: what normalize() multiplies and adds (also handed to DALI's fused view)."""
+    scale = [float(np.float32(1 / (255 * std[k]))) for k in range(out_chans)]
+    shift = [float(np.float32(-mean[k] / std[k])) for k in range(out_chans)]
+    return scale, shift
+
+
 def _normalize_uint8_cpu(x: torch.Tensor, mean, std, out_chans: int) -> torch.Tensor:
     """normalize() for DALI's CPU output, in numpy on the calling thread.
 
@@ -138,10 +146,10 @@ def _normalize_uint8_cpu(x: torch.Tensor, mean, std, out_chans: int) -> torch.Te
     xs = x.numpy()
     out = np.empty((b, out_chans, h, w), np.float32)
     t = np.empty((b, h, w), np.float64)  # one buffer: allocation cost as much as the math
-    for k in range(out_chans):
-        scale, shift = np.float32(1 / (255 * std[k])), np.float32(-mean[k] / std[k])
-        np.multiply(xs[:, k % c], np.float64(scale), out=t)  # exact: 8 x 24 bits < 53
-        t += np.float64(shift)
+    for k, (scale, shift) in enumerate(zip(*norm_constants(mean, std, out_chans),
+                                           strict=True)):
+        np.multiply(xs[:, k % c], scale, out=t)  # exact: 8 x 24 bits < 53
+        t += shift
         out[:, k] = t  # the one rounding to float32
     return torch.from_numpy(out)
 

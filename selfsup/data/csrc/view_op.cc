@@ -137,6 +137,7 @@ inline void WeightedRows(float *out, const float *const *rows, const float *w, i
 // Scratch buffers of one worker thread.
 struct Scratch {
   std::vector<float> rows, col, pad, g, src;
+  std::vector<double> gd;
   std::vector<const float *> ptrs;
   std::vector<uint8_t> img;
   Taps ty, tx;
@@ -236,13 +237,16 @@ void Twist(uint8_t *img, int n, const float *p) {
 // one rounding: a float row pass into `rows`, then the column pass.
 void Blur(uint8_t *img, int s, int ch, double sigma, int win, Scratch &sc) {
   const int r = win / 2, rowlen = s * ch;
+  sc.gd.resize(win);
   sc.g.resize(win);
   float *g = sc.g.data();
   double sum = 0;
   const double sg = std::max(sigma, 1e-3);
-  for (int k = 0; k < win; k++) sum += std::exp(-(k - r) * (k - r) / (2 * sg * sg));
-  for (int k = 0; k < win; k++) g[k] = static_cast<float>(std::exp(-(k - r) * (k - r) /
-                                                                   (2 * sg * sg)) / sum);
+  for (int k = 0; k < win; k++) {
+    sc.gd[k] = std::exp(-(k - r) * (k - r) / (2 * sg * sg));
+    sum += sc.gd[k];
+  }
+  for (int k = 0; k < win; k++) g[k] = static_cast<float>(sc.gd[k] / sum);
   sc.rows.resize(static_cast<size_t>(s) * rowlen);
   sc.pad.resize(static_cast<size_t>(s + 2 * r) * ch);
   sc.ptrs.resize(win);
