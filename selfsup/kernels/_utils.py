@@ -14,8 +14,10 @@ Nothing here imports triton eagerly: `import selfsup.kernels` must work without 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -42,13 +44,41 @@ def interpreting() -> bool:
 
 
 def triton_usable(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether the Triton path can run on these tensors: CUDA, or CPU under the interpreter."""
+    """Whether the Triton path can run on these tensors: CUDA, or CPU under the interpreter.
+
+    float64 CUDA tensors cannot: no fp64 configuration is registered or compiled, and fp64
+    ``tl.dot`` support differs between triton versions. (Under the interpreter fp64 CPU
+    tensors do run: that is how the kernels' math is tested in float64.)
+    """
+    return triton_unusable_reason(tensors) is None
+
+
+def triton_unusable_reason(tensors: Iterable[torch.Tensor]) -> str | None:
+    """None when the Triton path can run on `tensors`, else why not (for error messages)."""
     if not have_triton():
-        return False
-    devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+        return "triton is not installed"
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    devices = {t.device.type for t in ts}
     if devices == {"cuda"}:
-        return True
-    return devices <= {"cpu"} and interpreting()
+        if any(t.dtype == torch.float64 for t in ts):
+            return "float64 CUDA tensors have no compiled Triton configuration"
+        if interpreting():
+            _warn_interpreting_cuda()
+        return None
+    if devices <= {"cpu"} and interpreting():
+        return None
+    return (f"inputs are on {sorted(devices)}; Triton needs CUDA, or TRITON_INTERPRET=1 "
+            "for CPU tensors")
+
+
+@functools.cache
+def _warn_interpreting_cuda() -> None:
+    """Once per process: TRITON_INTERPRET=1 with CUDA tensors runs every kernel on the CPU
+    interpreter (copying each tensor through host memory), which is never what a GPU run
+    wants; it is usually a stray variable from a test environment."""
+    warnings.warn("TRITON_INTERPRET=1 is set while inputs are CUDA tensors: the Triton "
+                  "kernels run on the CPU interpreter, thousands of times slower than "
+                  "compiled; unset TRITON_INTERPRET for GPU runs", RuntimeWarning, stacklevel=4)
 
 
 def forced_backend() -> str | None:
@@ -61,23 +91,50 @@ def forced_backend() -> str | None:
     return value
 
 
-def choose_backend(*tensors: torch.Tensor | None) -> str:
+def choose_backend(*tensors: torch.Tensor | None, unsupported: str | None = None) -> str:
     """Pick "triton", "torch" or "ref" for an op whose inputs are `tensors`.
 
     Default: Triton when it can run on these inputs, else the portable torch path.
-    A forced "triton" that cannot run raises instead of silently falling back.
+    `unsupported` is the caller's reason the Triton kernels cannot take these inputs (e.g.
+    "C=1024 > 512"): the portable path then, unless Triton is forced.
+    A forced "triton" that cannot run raises, naming why, instead of silently falling back.
     """
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
     forced = forced_backend()
-    if forced == "triton" and not triton_usable(ts):
-        devices = sorted({t.device.type for t in ts})
-        why = "triton is not installed" if not have_triton() else (
-            f"inputs are on {devices}; Triton needs CUDA, or TRITON_INTERPRET=1 for CPU tensors"
-        )
+    why = unsupported or triton_unusable_reason(ts)
+    if forced == "triton" and why is not None:
         raise RuntimeError(f"{ENV_BACKEND}=triton was requested but {why}")
     if forced is not None:
         return forced
-    return "triton" if triton_usable(ts) else "torch"
+    return "triton" if why is None else "torch"
+
+
+def device_guard(t: torch.Tensor):
+    """Context for a kernel launch on `t`'s device.
+
+    Triton launches on the *current* CUDA device; a tensor on cuda:1 while cuda:0 is current
+    would be an illegal address. Every launcher wraps its launches in this.
+    """
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether the user allowed TF32 for fp32 matmuls, read now (never at import).
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("ieee" | "tf32" |
+    "none" = inherit ``torch.backends.fp32_precision``), and reading the legacy
+    ``allow_tf32`` after the new API was used raises. The legacy flag is read only on a torch
+    without the new API.
+    """
+    matmul = torch.backends.cuda.matmul
+    prec = getattr(matmul, "fp32_precision", None)
+    if prec is None:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+    if prec == "none":
+        prec = getattr(torch.backends, "fp32_precision", "none")
+    return prec == "tf32"
 
 
 # ----------------------------------------------------------------------------- validation
