@@ -161,3 +161,105 @@ def test_dist_helpers_are_identity_without_a_process_group():
     assert dist.world_size() == 1 and dist.rank() == 0 and dist.is_main()
     assert dist.all_gather_with_grad(x) is x
     assert torch.equal(dist.all_reduce_mean(x.detach().clone()), x.detach())
+
+
+# ----------------------------------------------------------------------------- GPU dispatch
+def _fake_cuda(dtype=torch.float32, device="cuda"):
+    """A tensor that reports a CUDA device without a GPU (FakeTensorMode: metadata only)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.empty(4, 8, dtype=dtype, device=device)
+
+
+def test_float64_cuda_tensors_take_the_portable_path(monkeypatch):
+    monkeypatch.delenv("SELFSUP_KERNELS", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not _utils.have_triton():
+        pytest.skip("triton is not installed")
+    assert choose_backend(_fake_cuda(torch.float32)) == "triton"
+    assert choose_backend(_fake_cuda(torch.float64)) == "torch"
+    monkeypatch.setenv("SELFSUP_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="float64 CUDA"):
+        choose_backend(_fake_cuda(torch.float64))
+
+
+def test_a_caller_reason_sends_triton_inputs_to_the_portable_path(monkeypatch):
+    monkeypatch.delenv("SELFSUP_KERNELS", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.zeros(3)
+    assert choose_backend(x, unsupported="C=1024 > 512") == "torch"
+    monkeypatch.setenv("SELFSUP_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="C=1024 > 512"):
+        choose_backend(x, unsupported="C=1024 > 512")
+
+
+def test_interpreting_cuda_tensors_warns_once(monkeypatch):
+    if not _utils.have_triton():
+        pytest.skip("triton is not installed")
+    monkeypatch.delenv("SELFSUP_KERNELS", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _utils._warn_interpreting_cuda.cache_clear()
+    with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET=1"):
+        assert choose_backend(_fake_cuda()) == "triton"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        choose_backend(_fake_cuda())  # the second time: silent
+
+
+def test_device_guard_enters_the_tensors_device(monkeypatch):
+    entered = []
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    with _utils.device_guard(_fake_cuda(device="cuda:1")):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with _utils.device_guard(torch.zeros(2)):  # CPU: no CUDA call at all
+        pass
+    assert len(entered) == 1
+
+
+def test_tf32_setting_is_read_from_the_new_api_per_call():
+    code = (
+        "import torch\n"
+        "from selfsup.kernels._utils import fp32_matmul_allows_tf32 as f\n"
+        "assert f() is False\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+        "assert f() is True\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"
+        "assert f() is False\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'none'\n"
+        "torch.backends.fp32_precision = 'tf32'\n"
+        "assert f() is True  # inherited from the global setting\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_tf32_setting_follows_the_legacy_flag_too():
+    code = (
+        "import torch\n"
+        "from selfsup.kernels._utils import fp32_matmul_allows_tf32 as f\n"
+        "torch.backends.cuda.matmul.allow_tf32 = True\n"
+        "assert f() is True\n"
+        "torch.backends.cuda.matmul.allow_tf32 = False\n"
+        "assert f() is False\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
