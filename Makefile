@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= all
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench quality lint clean
+.PHONY: install demo test bench quality lint clean triton36
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ bench: install
 
 quality: install
 	$(PY) bench/quality.py
+
+# The kernels under triton 3.6 (the GPU images' version) in their own venv; not part of CI.
+triton36:
+	bash scripts/triton36_check.sh
 
 lint: install
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check .

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The kernels under triton 3.6, the version torch 2.11's CUDA wheels pin (the GPU images we
+# target), next to CI's triton 3.9: the AOT compile gate for sm_80/sm_90 (writing
+# bench/results/static/3.6.0.md) and the interpreter tests of tests/kernels.
+#
+#   bash scripts/triton36_check.sh            # or: make triton36
+#
+# Its own venv (.venv-triton36; VENV36 overrides), so CI's stays on 3.9. numpy < 2.3: triton
+# 3.6's interpreter converts every runtime loop bound with int() of a 1-element 1-D array,
+# which numpy >= 2.3 refuses ("only 0-dimensional arrays can be converted to Python scalars"),
+# so with a newer numpy every kernel with a loop fails under the 3.6 interpreter. Compiled
+# kernels never touch numpy; the GPU images are unaffected.
+# Cost on the 2-core dev machine: ~1.5 min install (torch from local disk), then the report
+# and the tests (timings printed at the end).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV36=${VENV36:-.venv-triton36}
+PY="$VENV36/bin/python"
+start=$(date +%s)
+if [ ! -x "$PY" ] || ! "$PY" -c "import triton, sys; sys.exit(triton.__version__ != '3.6.0')"; then
+    python3 -m venv "$VENV36"
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+    "$PY" -m pip install -q "triton==3.6.0" "numpy>=1.24,<2.3" "pillow>=9.0" "pytest>=8" \
+        "pytest-benchmark>=5"
+    "$PY" -m pip install -q --no-deps -e .
+fi
+t_install=$(( $(date +%s) - start ))
+t0=$(date +%s)
+env -u TRITON_INTERPRET "$PY" -m selfsup.kernels.report --check \
+    --out bench/results/static/3.6.0.md --json "$VENV36/report-3.6.0.json"
+t_report=$(( $(date +%s) - t0 ))
+t0=$(date +%s)
+"$PY" -m pytest -q -p no:cacheprovider tests/kernels "$@"
+t_tests=$(( $(date +%s) - t0 ))
+echo "triton36: install ${t_install} s, compile gate ${t_report} s, kernel tests ${t_tests} s"
