@@ -117,6 +117,18 @@ def matches(launch: Launch, entry: KernelEntry, cfg: KernelConfig) -> bool:
             and cfg.num_warps == launch.num_warps and cfg.num_stages == launch.num_stages)
 
 
+def config_from_launch(launch: Launch, label: str = "recorded") -> KernelConfig:
+    """The KernelConfig that registers exactly `launch` (e.g. to print what is missing)."""
+    entry = REGISTRY[launch.kernel]
+    types: dict[str, str] = {}
+    for arg, typ in launch.pointers:
+        want = entry.signature[arg]
+        if "{" in want:  # "*{dt}" -> dt = "bf16"
+            types[want[want.index("{") + 1:want.index("}")]] = typ[1:]
+    return KernelConfig(label, dict(launch.constexprs), types=types,
+                        num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+
 def _same(a: Any, b: Any) -> bool:
     # tl.dtype constexprs (e.g. CDT=tl.float32) compare by name; the rest by value
     if hasattr(a, "primitive_bitwidth") or hasattr(b, "primitive_bitwidth"):
