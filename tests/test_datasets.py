@@ -147,8 +147,11 @@ def test_load_dataset_uses_train_and_test_subfolders(tmp_path):
     make_tree(tmp_path / "d" / "val", n_per_class=1)
     assert len(ds.load_dataset(tmp_path / "d", "train")) == 6
     assert len(ds.load_dataset(tmp_path / "d", "test")) == 2
-    with pytest.raises(ds.DatasetError, match="test"):
-        ds.load_dataset(tmp_path / "d" / "train", "test")
+    # a train folder finds its held-out split beside it (issue 24: imagenet/train)
+    assert len(ds.load_dataset(tmp_path / "d" / "train", "test")) == 2
+    make_tree(tmp_path / "alone")
+    with pytest.raises(ds.DatasetError, match="no held-out split.*alone/val"):
+        ds.load_dataset(tmp_path / "alone", "test")
 
 
 def test_image_folder_errors(tmp_path):
@@ -188,6 +191,7 @@ def test_flat_folder_is_one_class(tmp_path):
     flat = tmp_path / "t" / "coat"
     f = ds.ImageFolder(str(flat))
     assert f.classes == ["coat"] and set(f.labels.tolist()) == {0} and len(f) == 3
+    assert not f.labeled and "flat folder" in f.why_unlabeled
 
 
 def test_array_dataset_rejects_empty_and_mismatched():

@@ -238,7 +238,7 @@ def build_pipeline(recipe: Recipe, source: Callable[[int], tuple], *, encoded: b
         if encoded:
             img = fn.decoders.image(data, device="mixed" if gpu else "cpu",
                                     output_type=types.RGB if src_chans == 3 else types.GRAY,
-                                    adjust_orientation=False)  # as Pillow: EXIF not applied
+                                    adjust_orientation=False)  # images.probe applied it
         else:
             img = data.gpu() if gpu else data
         outs, k = [], 0

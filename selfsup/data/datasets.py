@@ -24,6 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import CorruptImageError, DatasetError, ImageTooLargeError  # noqa: F401 (API)
+from .images import decode_image, open_image  # noqa: F401 (API)
+from .scan import scan_images
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -35,18 +39,6 @@ IDX_FILES = {  # split -> (images, labels), the names of the official distributi
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used as asked: missing, empty, malformed."""
-
-
-class CorruptImageError(DatasetError):
-    """An image file that cannot be decoded. `path` names it."""
-
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = str(path)
-        super().__init__(f"cannot decode image {self.path}: {reason}")
 
 
 @dataclass
@@ -178,16 +170,22 @@ def load_mnist(split: str = "train", root: str | os.PathLike | None = None) -> A
 # ----------------------------------------------------------------------------- ImageFolder
 @dataclass
 class ImageFolder:
-    """``root/<class>/**/<image>``: class subfolders of JPEG/PNG images, sorted by name.
+    """An image tree, read with the cached scan (scan.py), sorted by path.
 
-    A folder holding images directly, with no class subfolders, is one class. Decoding is
-    lazy (`load`), so a corrupt file surfaces when it is read, with its path.
+    Labeled: ``root/<class>/**/<image>``, one class per top-level folder (sorted by name).
+    Unlabeled (``labeled`` False, every label 0, one pseudo-class named after the folder):
+    a flat folder of images, a tree with images beside folders at its top level, or any
+    tree with ``unlabeled=True`` (nested folders without class meaning). ``why_unlabeled``
+    says which. Decoding is lazy (`load`), so a corrupt file surfaces when it is read.
     """
 
     root: str
     extensions: tuple[str, ...] = IMG_EXTENSIONS
+    unlabeled: bool = False
     samples: list[tuple[str, int]] = field(init=False)
     classes: list[str] = field(init=False)
+    labeled: bool = field(init=False)
+    why_unlabeled: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         root = Path(self.root)
@@ -195,25 +193,33 @@ class ImageFolder:
             raise FileNotFoundError(f"image folder does not exist: {root}")
         if not root.is_dir():
             raise DatasetError(f"image folder is not a directory: {root}")
-        entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
-        if not entries:
+        if not any(not p.name.startswith(".") for p in root.iterdir()):
             raise DatasetError(f"image folder is empty: {root}")
-        class_dirs = [p for p in entries if p.is_dir()]
-        if class_dirs:
-            self.classes = [p.name for p in class_dirs]
-            self.samples = [(str(f), label) for label, d in enumerate(class_dirs)
-                            for f in self._images_under(d)]
-        else:
-            self.classes = [root.name]
-            self.samples = [(str(f), 0) for f in self._images_under(root)]
-        if not self.samples:
+        files = scan_images(root, self.extensions)
+        if not files:
             raise DatasetError(f"no images with extensions {self.extensions} found under "
                                f"{root}")
-
-    def _images_under(self, d: Path) -> list[Path]:
-        return sorted(p for p in d.rglob("*")
-                      if p.suffix.lower() in self.extensions and p.is_file()
-                      and not p.name.startswith("."))
+        top_images = sum("/" not in f for f in files)
+        class_dirs = sorted(p.name for p in root.iterdir()
+                            if p.is_dir() and not p.name.startswith("."))
+        if self.unlabeled:
+            why = "--unlabeled: its folders are not classes"
+        elif not class_dirs:
+            why = "a flat folder of images, no class subfolders"
+        elif top_images:
+            why = f"{top_images} image(s) beside folders at its top level, so the folders " \
+                  "are not classes"
+        else:
+            why = ""
+        self.labeled, self.why_unlabeled = not why, why
+        prefix = str(root) + os.sep
+        if self.labeled:
+            self.classes = class_dirs
+            index = {c: i for i, c in enumerate(class_dirs)}
+            self.samples = [(prefix + f, index[f.partition("/")[0]]) for f in files]
+        else:
+            self.classes = [root.name]
+            self.samples = [(prefix + f, 0) for f in files]
 
     @property
     def labels(self) -> np.ndarray:
@@ -234,40 +240,59 @@ class ImageFolder:
         return self.load(i), self.samples[i][1]
 
 
-def decode_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
-    """Decode one image file with Pillow. Raises CorruptImageError naming the file."""
-    return np.asarray(open_image(path, mode), dtype=np.uint8)
-
-
-def open_image(path, mode: str = "RGB", data: bytes | None = None):
-    """Fully decode one image (from `data` if given) to a Pillow image in `mode`.
-
-    Raises CorruptImageError naming `path`."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as im:
-            im.load()  # force the full decode so truncated files fail here, not later
-            return im.convert(mode)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise CorruptImageError(path, str(e) or type(e).__name__) from None
-
-
 # ----------------------------------------------------------------------------- by name
 BUILTIN = ("fashion-mnist", "fashion-mnist-sample", "mnist")
+TRAIN_NAMES = ("train", "training")  # a split folder whose siblings may hold the held-out one
+HELD_OUT_NAMES = ("val", "test", "valid", "validation")  # tried in this order
 
 
-def load_dataset(spec: str | os.PathLike, split: str = "train") -> ArrayDataset | ImageFolder:
+def is_builtin(spec) -> bool:
+    return str(spec) in ("fashion-mnist", "fashion_mnist", "fmnist", "fashion-mnist-sample",
+                         "mnist")
+
+
+def train_folder(root: Path) -> Path:
+    """The training folder of a tree: root/train when it exists, else root itself."""
+    return root / "train" if (root / "train").is_dir() else root
+
+
+def held_out_folder(root: Path, *, named: bool = False) -> Path | None:
+    """The held-out split for a tree given as --data (named=False) or --test-data (True).
+
+    ``root/{val,test,...}`` first; for --data a train folder (``.../train``) has its held-out
+    split beside it (``.../val`` or ``.../test``); a folder named as --test-data that holds
+    no split folder *is* the split. None when there is none."""
+    for name in HELD_OUT_NAMES:
+        if (root / name).is_dir():
+            return root / name
+    if named:
+        return root
+    if root.name.lower() in TRAIN_NAMES:
+        for name in HELD_OUT_NAMES:
+            if (root.parent / name).is_dir():
+                return root.parent / name
+    return None
+
+
+def held_out_candidates(root: Path) -> list[str]:
+    out = [str(root / n) for n in HELD_OUT_NAMES[:2]]
+    if root.name.lower() in TRAIN_NAMES:
+        out += [str(root.parent / n) for n in HELD_OUT_NAMES[:2]]
+    return out
+
+
+def load_dataset(spec: str | os.PathLike, split: str = "train", *, unlabeled: bool = False,
+                 named: bool = False) -> ArrayDataset | ImageFolder:
     """Resolve a dataset by name or path.
 
     ``"fashion-mnist"`` (Debian files, else the sample), ``"fashion-mnist-sample"``,
     ``"mnist"``, or a folder. For a folder, ``split="train"`` uses ``root/train`` when it exists
-    (else root itself) and ``split="test"`` uses ``root/test`` or ``root/val``.
+    (else root itself); ``split="test"`` uses `held_out_folder` (``root/val|test``, the sibling
+    of a ``.../train`` folder, or with ``named=True`` -- a folder given as --test-data -- the
+    folder itself). `unlabeled`: the folders are not classes (see ImageFolder).
     """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     name = str(spec)
     if name in ("fashion-mnist", "fashion_mnist", "fmnist"):
         return load_fashion_mnist(split)
@@ -280,11 +305,14 @@ def load_dataset(spec: str | os.PathLike, split: str = "train") -> ArrayDataset 
         raise FileNotFoundError(f"dataset {name!r} is neither one of {BUILTIN} nor an existing "
                                 "folder")
     if split == "train":
-        return ImageFolder(str(root / "train" if (root / "train").is_dir() else root))
-    for sub in ("test", "val"):
-        if (root / sub).is_dir():
-            return ImageFolder(str(root / sub))
-    raise DatasetError(f"no {split!r} split under {root}: expected {root}/test or {root}/val")
+        return ImageFolder(str(train_folder(root)), unlabeled=unlabeled)
+    folder = held_out_folder(root, named=named)
+    if folder is None:
+        raise DatasetError(f"no held-out split for {root}: looked for "
+                           f"{' and '.join(held_out_candidates(root))}; name one with "
+                           "--test-data DIR (the split folder itself, or a folder holding "
+                           "val/ or test/)")
+    return ImageFolder(str(folder), unlabeled=unlabeled)
 
 
 def subset(dataset: ArrayDataset | ImageFolder, n: int, seed: int = 0
@@ -293,9 +321,15 @@ def subset(dataset: ArrayDataset | ImageFolder, n: int, seed: int = 0
     if n <= 0 or n >= len(dataset):
         return dataset
     idx = np.sort(np.random.default_rng(seed).choice(len(dataset), n, replace=False))
+    return take(dataset, idx, f"[{n}]")
+
+
+def take(dataset: ArrayDataset | ImageFolder, idx: np.ndarray, tag: str = ""
+         ) -> ArrayDataset | ImageFolder:
+    """The items `idx` of a dataset, in that order."""
     if isinstance(dataset, ArrayDataset):
         return ArrayDataset(dataset.images[idx], dataset.labels[idx], dataset.classes,
-                            f"{dataset.name}[{n}]", dataset.source)
+                            f"{dataset.name}{tag}", dataset.source)
     out = copy.copy(dataset)
     out.samples = [dataset.samples[i] for i in idx]
     return out

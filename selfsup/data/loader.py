@@ -9,14 +9,15 @@ Order, sharding and augmentation randomness are all decided on the host, per bat
 So batch i of epoch e is a pure function of (seed, epoch, shard, i) on every backend: a fresh
 loader after set_epoch(e) reproduces it exactly, whatever was drawn before in the process.
 
-Corrupt files (image folders): the first time a file fails to decode it is reported with a
-warning naming it (or CorruptImageError with on_corrupt="error"), remembered, and its slot
-is filled by the next decodable image of the shard's epoch order, so batches keep their size
-and DDP ranks stay in step; each epoch ends with a warning counting the skipped images. The
-DALI path checks each file cheaply before DALI sees it (Pillow reads the header and size; a
-JPEG without its end marker or a PNG without IEND is fully decoded by Pillow to confirm);
-anything that still fails DALI's decoder fails its batch, and the runner then checks that
-batch's files with a full Pillow decode and rebuilds the pipeline at that batch.
+Files are decoded under one policy on both backends (images.py: transparency composited over
+white, EXIF orientation applied, a pixel limit checked from the header). A file that is
+corrupt, truncated or over the pixel limit is remembered (or raises CorruptImageError with
+on_corrupt="error") and its slot is filled by the next decodable image of the shard's epoch
+order, so batches keep their size and DDP ranks stay in step; each epoch ends with ONE
+warning naming the skipped files and why (`skip_summary`), never one line per file. The
+DALI path checks each file cheaply before DALI sees it (images.probe); anything that still
+fails DALI's decoder fails its batch, and the runner then checks that batch's files with a
+full Pillow decode and rebuilds the pipeline at that batch.
 """
 
 from __future__ import annotations
@@ -33,17 +34,13 @@ import torch
 
 from . import dali as dali_mod
 from . import transforms
-from .datasets import (
-    ArrayDataset,
-    CorruptImageError,
-    DatasetError,
-    ImageFolder,
-    load_dataset,
-    open_image,
-)
+from .datasets import ArrayDataset, ImageFolder, load_dataset
+from .errors import CorruptImageError, DatasetError, ImageTooLargeError
+from .images import MAX_PIXELS_ENV, open_image, probe, resolve_max_pixels
 from .recipes import EVAL_CROP, Recipe, batch_rng, draw_params, get_recipe
 
 DEVICES = ("auto", "dali-gpu", "dali-cpu", "portable")
+NAMED_PER_EPOCH = 20  # skipped files named in an epoch's summary line (all: Loader.bad_files)
 SMALL_SIDE = 64  # arrays up to this side: 32-px default, whole-image eval, grid_sample path
 ALIASES = {"gpu": "dali-gpu", "cpu": "dali-cpu"}
 
@@ -69,14 +66,14 @@ def resolve_backend(device: str) -> str:
     return dev
 
 
-def _dataset(data, in_chans: int) -> ArrayDataset | ImageFolder:
+def _dataset(data, in_chans: int, unlabeled: bool = False) -> ArrayDataset | ImageFolder:
     if isinstance(data, (ArrayDataset, ImageFolder)):
         return data
     if isinstance(data, tuple) and len(data) == 2:
         images, labels = np.asarray(data[0]), np.asarray(data[1]).astype(np.int64)
         return ArrayDataset(images, labels, [], "arrays", "in memory")
     if isinstance(data, (str, os.PathLike)):
-        return load_dataset(data, "train")
+        return load_dataset(data, "train", unlabeled=unlabeled)
     raise ValueError("data must be a dataset name, an image-folder path, an ArrayDataset or "
                      f"ImageFolder, or an (images, labels) tuple; got {type(data).__name__}")
 
@@ -98,16 +95,17 @@ class Loader:
     len(): batches of this shard per epoch. Call set_epoch(e) before each epoch.
     num_samples: images of this shard per epoch. view_sizes: output side of each view.
     backend: "dali-gpu" | "dali-cpu" | "portable". recipe: the Recipe (mean, std, views).
-    skipped: corrupt images skipped this epoch; bad_files: every file found corrupt so far.
+    skipped: images skipped this epoch; bad_files: every file found unusable so far.
+    max_pixels: the pixel limit in force (0: none).
     """
 
     def __init__(self, ds, recipe: Recipe, batch_size: int, backend: str, *, num_threads: int,
                  seed: int, shard_id: int, num_shards: int, drop_last: bool,
-                 on_corrupt: str) -> None:
+                 on_corrupt: str, max_pixels: int = 0) -> None:
         self.recipe, self.batch_size, self.backend = recipe, batch_size, backend
         self.num_threads, self.seed = num_threads, seed
         self.shard_id, self.num_shards, self.drop_last = shard_id, num_shards, drop_last
-        self.on_corrupt = on_corrupt
+        self.on_corrupt, self.max_pixels = on_corrupt, max_pixels
         self.dataset = ds
         self.files = isinstance(ds, ImageFolder)
         self.labels = np.asarray(ds.labels, dtype=np.int64)
@@ -161,9 +159,31 @@ class Loader:
         else:
             yield from self._dali_batches(order)
         if self._skips:
-            paths = ", ".join(sorted(set(self._skips.values())))
-            warnings.warn(f"skipped {len(self._skips)} corrupt image(s) this epoch: {paths}",
-                          stacklevel=2)
+            warnings.warn(self.skip_summary(), stacklevel=2)
+
+    def skip_summary(self) -> str:
+        """One line for this epoch's skipped files: how many, which, and why."""
+        paths = sorted(set(self._skips.values()))
+        big = [p for p in paths if isinstance(self.bad.get(p), ImageTooLargeError)]
+        broken = [p for p in paths if p not in set(big)]
+        parts = []
+        if broken:
+            named = "; ".join(f"{p}: {self.bad[p].reason}" for p in broken[:NAMED_PER_EPOCH])
+            parts.append(f"{len(broken)} corrupt or truncated ({named}"
+                         f"{self._more(len(broken))})")
+        if big:
+            named = "; ".join(f"{p} ({self.bad[p].width} x {self.bad[p].height})"
+                              for p in big[:NAMED_PER_EPOCH])
+            parts.append(f"{len(big)} over the pixel limit of {self.max_pixels:,} (raise it "
+                         f"with --max-pixels N or {MAX_PIXELS_ENV}=N, 0 for none: {named}"
+                         f"{self._more(len(big))})")
+        return (f"epoch {self.epoch}: skipped {len(self._skips)} image(s), each replaced by "
+                f"the next readable one: " + "; and ".join(parts))
+
+    @staticmethod
+    def _more(n: int) -> str:
+        return f"; and {n - NAMED_PER_EPOCH} more: see Loader.bad_files" \
+            if n > NAMED_PER_EPOCH else ""
 
     def order(self, epoch: int) -> np.ndarray:
         """Dataset indices of this shard for `epoch`, in batch order."""
@@ -218,9 +238,7 @@ class Loader:
         if self.on_corrupt == "error":
             self._fatal = e  # DALI may wrap what its callback raises: keep the original
             raise e
-        if e.path not in self.bad:
-            warnings.warn(f"{e}; skipping it (on_corrupt='skip')", stacklevel=3)
-            self.bad[e.path] = e
+        self.bad.setdefault(e.path, e)  # named in the epoch's one summary line
 
     def _substitute(self, order, p: int, load):
         """The next decodable image after shard position p (cyclic): deterministic, since
@@ -230,8 +248,9 @@ class Loader:
             g = self._try(load, self.paths[order[(p + k) % m]])
             if not isinstance(g, CorruptImageError):
                 return order[(p + k) % m], g
+        named = "; ".join(str(e) for e in list(self.bad.values())[:3])
         raise DatasetError(f"no decodable image in this shard of {self.dataset.root} "
-                           f"({len(self.bad)} corrupt files)")
+                           f"({len(self.bad)} unusable files: {named})")
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:  # Pillow releases the GIL while decoding and resizing
@@ -252,7 +271,7 @@ class Loader:
             imgs = [Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x) for x in images]
         else:
             load = lambda path: (lambda im: (im, (im.height, im.width)))(
-                open_image(path, self.mode))
+                open_image(path, self.mode, max_pixels=self.max_pixels))
             imgs, labels, params, _ = self._file_batch(order, i, load)
         crops = list(self._threads().map(
             lambda b: [transforms.crop_resize_pil(imgs[b], params[v][b], view.size)
@@ -263,27 +282,8 @@ class Loader:
 
     # ---------------------------------------------------------------- DALI backend
     def _probe(self, path: str):
-        """Encoded bytes and (h, w) of a file, checked cheaply (see the module docstring)."""
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            data = np.fromfile(path, dtype=np.uint8)
-        except OSError as e:
-            raise CorruptImageError(path, str(e)) from None
-        raw = data.tobytes()
-        try:
-            import io
-
-            with Image.open(io.BytesIO(raw)) as im:
-                w, h, fmt = im.width, im.height, im.format
-        except UnidentifiedImageError:
-            raise CorruptImageError(path, "not an image format Pillow recognizes") from None
-        except Exception as e:  # noqa: BLE001 - Pillow raises many types on garbage
-            raise CorruptImageError(path, str(e) or type(e).__name__) from None
-        tail = raw[-512:]
-        if (fmt == "JPEG" and b"\xff\xd9" not in tail) or (fmt == "PNG" and b"IEND" not in tail):
-            open_image(path, self.mode, data=raw)  # truncated? a full decode decides
-        return data, (h, w)
+        """Encoded bytes and (h, w) of a file for DALI's decoder (images.probe)."""
+        return probe(path, self.mode, self.max_pixels)
 
     def _dali_prepare(self, order, i):
         if self.files:
@@ -303,7 +303,7 @@ class Loader:
                 if path in self.bad:
                     continue
                 try:
-                    open_image(path, self.mode)
+                    open_image(path, self.mode, max_pixels=self.max_pixels)
                 except CorruptImageError as e:
                     self._mark_bad(e)
                     found = True
@@ -374,6 +374,7 @@ def build_loader(data, recipe: str, batch_size: int, *, device: str = "auto",
                  img_size: int | None = None, num_threads: int | None = None,
                  seed: int | None = None, shard_id: int = 0, num_shards: int = 1,
                  drop_last: bool = True, in_chans: int = 3, on_corrupt: str = "skip",
+                 max_pixels: int | None = None, unlabeled: bool = False,
                  **recipe_overrides) -> Loader:
     """Multi-view augmented batches of `data` for `recipe` (see recipes.py).
 
@@ -391,7 +392,11 @@ def build_loader(data, recipe: str, batch_size: int, *, device: str = "auto",
       drop_last: drop each shard's last partial batch (and truncate the dataset to a multiple
         of num_shards); False keeps it (and pads by repeating the first images).
       in_chans: 3 (grey replicated) or 1 (colour converted to grey).
-      on_corrupt: "skip" (warn, substitute, count) or "error" (raise CorruptImageError).
+      on_corrupt: "skip" (substitute, one summary line per epoch) or "error" (raise
+        CorruptImageError).
+      max_pixels: images with more pixels are skipped as unusable (from the header, nothing
+        decoded); None -> $SELFSUP_MAX_PIXELS, else images.DEFAULT_MAX_PIXELS; 0: no limit.
+      unlabeled: for a folder path: its folders are not classes (datasets.ImageFolder).
       recipe_overrides: e.g. n_local=, local_size=, scale=, mean=, std= (see get_recipe).
     Returns:
       a Loader; iterate for (views, labels): views a list of float32 (B, C, S_v, S_v)
@@ -408,8 +413,9 @@ def build_loader(data, recipe: str, batch_size: int, *, device: str = "auto",
         raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}")
     if num_threads is not None and num_threads < 0:
         raise ValueError(f"num_threads must be >= 0 or None, got {num_threads!r}")
+    limit = resolve_max_pixels(max_pixels)
     backend = resolve_backend(device)
-    ds = _dataset(data, in_chans)
+    ds = _dataset(data, in_chans, unlabeled)
     large = isinstance(ds, ImageFolder) or max(ds.images.shape[1:3]) > SMALL_SIDE
     if img_size is None:
         img_size = 224 if large else 32
@@ -419,6 +425,7 @@ def build_loader(data, recipe: str, batch_size: int, *, device: str = "auto",
     threads = (os.cpu_count() or 1) if num_threads is None else max(1, num_threads)
     return Loader(ds, r, int(batch_size), backend, num_threads=threads,
                   seed=0 if seed is None else int(seed), shard_id=shard_id,
-                  num_shards=num_shards, drop_last=drop_last, on_corrupt=on_corrupt)
+                  num_shards=num_shards, drop_last=drop_last, on_corrupt=on_corrupt,
+                  max_pixels=limit)
 
 
