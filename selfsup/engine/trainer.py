@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..data import build_loader, load_dataset
+from ..data import build_loader, load_dataset, score_sets
 from ..data.datasets import subset
 from ..ssl import METHODS
 from . import checkpoint as ckpt
@@ -31,7 +31,7 @@ from .monitors import (
     grad_norm,
     knn_accuracy,
 )
-from .optim import build_optimizer
+from .optim import build_optimizer, clip_per_param_
 from .runlog import Progress, RunLogger
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,23 +66,49 @@ def method_class(cfg_or_name):
 
 
 def make_train_loader(cfg: Config, recipe: str, recipe_kwargs: dict):
-    return build_loader(cfg.data, recipe, cfg.batch_size, device=cfg.data_device,
+    data = load_dataset(cfg.data, "train", unlabeled=cfg.unlabeled)
+    return build_loader(data, recipe, cfg.batch_size, device=cfg.data_device,
                         img_size=cfg.img_size, num_threads=cfg.workers, seed=cfg.seed,
                         shard_id=dist.rank(), num_shards=dist.world_size(), drop_last=True,
-                        in_chans=cfg.in_chans, blur=cfg.blur, **recipe_kwargs)
+                        in_chans=cfg.in_chans, blur=cfg.blur, max_pixels=cfg.max_pixels,
+                        interp=cfg.interp, **recipe_kwargs)
+
+
+def recipe_name(cfg: Config, cls) -> str:
+    """--aug when given (e.g. to rerun a recorded row on its old recipe), else the method's."""
+    return cfg.aug or cls.recipe
+
+
+def lr_schedule(cfg: Config, peak_lr: float, total: int, steps_per_epoch: int,
+                warmup: int) -> torch.Tensor:
+    """The per-step lr: cosine to --min-lr, or MoCo v1's step schedule (--lr-milestones in
+    epochs, x --lr-gamma at each)."""
+    if cfg.lr_schedule == "cosine":
+        return schedules.cosine(peak_lr, cfg.min_lr, total, warmup)
+    if cfg.lr_schedule != "step":
+        raise ValueError(f"--lr-schedule must be cosine or step, got {cfg.lr_schedule!r}")
+    if not cfg.lr_milestones:
+        raise ValueError("--lr-schedule step needs --lr-milestones (epochs, e.g. 120 160)")
+    milestones = [round(e * steps_per_epoch) for e in cfg.lr_milestones]
+    return schedules.step(peak_lr, total, milestones, cfg.lr_gamma, warmup)
 
 
 KNN_BATCH = 256  # images per k-NN feature-extraction batch
 
 
 def make_knn_loaders(cfg: Config):
-    """Deterministic single-view loaders over a train subset (memory) and the test split."""
-    train = subset(load_dataset(cfg.data, "train"), cfg.knn_train_size, cfg.seed)
-    test = subset(load_dataset(cfg.test_data or cfg.data, "test"), cfg.knn_test_size, cfg.seed)
+    """((memory loader, query loader), None), deterministic single-view loaders over the
+    labeled sets of data.layouts.score_sets; or (None, why) when there is nothing labeled."""
+    sets = score_sets(cfg.data, cfg.test_data, cfg.knn_data, unlabeled=cfg.unlabeled,
+                      seed=cfg.seed)
+    if isinstance(sets, str):
+        return None, sets
+    train = subset(sets.memory, cfg.knn_train_size, cfg.seed)
+    test = subset(sets.queries, cfg.knn_test_size, cfg.seed)
     kw = dict(device=cfg.data_device, img_size=cfg.img_size, num_threads=cfg.workers,
-              drop_last=False, in_chans=cfg.in_chans, seed=cfg.seed)
+              drop_last=False, in_chans=cfg.in_chans, seed=cfg.seed, max_pixels=cfg.max_pixels)
     return (build_loader(train, "eval", KNN_BATCH, **kw),
-            build_loader(test, "eval", KNN_BATCH, **kw))
+            build_loader(test, "eval", KNN_BATCH, **kw)), None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -128,7 +154,7 @@ def train(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- data
     recipe_kwargs = cls.recipe_kwargs(cfg) if hasattr(cls, "recipe_kwargs") else {}
-    loader = make_train_loader(cfg, cls.recipe, recipe_kwargs)
+    loader = make_train_loader(cfg, recipe_name(cfg, cls), recipe_kwargs)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} x {world} processes exceeds the "
@@ -150,8 +176,8 @@ def train(cfg: Config) -> dict:
     model = wrap_distributed(method, cfg, device)
     opt = build_optimizer(method.param_groups(cfg), cfg)
     peak_lr = cfg.peak_lr(world)
-    lr_sched = schedules.cosine(peak_lr, cfg.min_lr, schedule_steps,
-                                round(cfg.warmup_epochs * steps_per_epoch))
+    lr_sched = lr_schedule(cfg, peak_lr, schedule_steps, steps_per_epoch,
+                           round(cfg.warmup_epochs * steps_per_epoch))
     wd_sched = (schedules.cosine(cfg.wd, cfg.wd_end, schedule_steps) if cfg.wd_end is not None
                 else schedules.constant(cfg.wd, schedule_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -183,8 +209,11 @@ def train(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- k-NN monitor
     knn_on = main and cfg.knn_every >= 0
-    knn_loaders = make_knn_loaders(cfg) if knn_on else None
+    knn_loaders, knn_off = make_knn_loaders(cfg) if knn_on else (None, None)
     summary: dict = {"run_dir": str(run_dir), "method": cfg.method, "arch": cfg.arch}
+    if knn_off:  # nothing labeled to score with: train anyway, and say so once
+        knn_on, summary["knn_skipped"] = False, knn_off
+        progress.message(knn_off)
     if knn_on and device.type == "cpu":
         n_images = sum(len(loader) for loader in knn_loaders) * KNN_BATCH
         cost = 2 * n_images * forward_flops(method.encoder(), cfg.img_size, cfg.in_chans, device)
@@ -255,13 +284,8 @@ def train(cfg: Config) -> dict:
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
-                for g in opt.param_groups:  # e.g. DINO's last layer during epoch 1
-                    if step < g.get("freeze_steps", 0):
-                        for p in g["params"]:
-                            p.grad = None
-                total_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad).item()
-                              if cfg.clip_grad else None)
                 log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
+                total_norm = clip_gradients(opt, params, cfg, step, log_now)
                 if log_now:
                     stem_norm = grad_norm(stem.parameters()) if stem is not None else 0.0
                     total_norm = grad_norm(params) if total_norm is None else total_norm
@@ -312,6 +336,29 @@ def train(cfg: Config) -> dict:
                kind="summary")
     logger.close()
     return summary
+
+
+def clip_gradients(opt, params, cfg: Config, step: int, log_now: bool) -> float | None:
+    """Drop frozen groups' gradients (DINO's last layer in epoch 1) and clip; returns the
+    global norm before clipping when it was computed (global mode, or a log step).
+
+    global: the norm of all gradients together, after the frozen ones are dropped.
+    per-param (official DINO): each tensor's norm to --clip-grad, BEFORE the last layer's
+    gradient is cancelled (DINO's clip_gradients precedes cancel_gradients_last_layer).
+    """
+    if cfg.clip_grad and cfg.clip_mode not in ("global", "per-param"):
+        raise ValueError(f"--clip-mode must be global or per-param, got {cfg.clip_mode!r}")
+    per_param = bool(cfg.clip_grad) and cfg.clip_mode == "per-param"
+    total_norm = grad_norm(params) if per_param and log_now else None
+    if per_param:
+        clip_per_param_(params, cfg.clip_grad)
+    for g in opt.param_groups:  # e.g. DINO's last layer during epoch 1
+        if step < g.get("freeze_steps", 0):
+            for p in g["params"]:
+                p.grad = None
+    if cfg.clip_grad and not per_param:
+        total_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad).item()
+    return total_norm
 
 
 def agree(*flags: bool) -> list[bool]:
