@@ -7,8 +7,8 @@
 
 ViTs (He et al. 2022, App. A.2; Bao et al. 2022): AdamW (0.9, 0.999), lr = blr * batch / 256
 (blr 5e-4, ViT-L/H 1e-3), weight decay 0.05, layer-wise lr decay 0.75, drop path 0.1, mixup
-0.8 / cutmix 1.0 (one per batch, switch 0.5), label smoothing 0.1, per-step warm-up (5 of 100
-epochs) then cosine to 1e-6. The features are pooled as the method was pretrained: MAE the
+0.8 / cutmix 1.0 (one per batch, switch 0.5), label smoothing 0.1, random erasing 0.25, per-step
+warm-up (5 of 100 epochs) then cosine to 1e-6. The features are pooled as the method was pretrained: MAE the
 mean patch token under a fresh LayerNorm, MoCo v3 / DINO the cls token.
 ResNets: no layer decay; SGD with Nesterov momentum 0.9, blr 0.05, no weight decay (SimCLR's
 fine-tuning, Chen et al. 2020, App. B.5), label smoothing 0.1, no mixup.
@@ -20,7 +20,7 @@ saved with the checkpoint. `--steps N` alone makes the schedule N steps long (th
 its fraction of it); with `--epochs` too it stops after N steps of the epochs' schedule.
 Checkpoints (DIR/checkpoint.pt) are atomic and load with torch.load(weights_only=True). The
 last line printed is the top-1 accuracy on the held-out split: ``finetune_top1 0.9012``.
-Not implemented (yet): RandAugment and random erasing of MAE's recipe, EMA, several processes.
+Not implemented (yet): MAE's RandAugment (9, 0.5), model EMA, several processes.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from .engine.checkpoint import CheckpointError, load_method
 from .engine.finetune_utils import (
     Classifier,
     Mixup,
+    RandomErasing,
     is_vit_encoder,
     param_groups,
     resolve_pool,
@@ -56,14 +57,14 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Recipe values, by family; a flag given on the command line wins.
 RECIPES: dict[str, dict] = {
     "vit": dict(optimizer="adamw", blr=5e-4, wd=0.05, layer_decay=0.75, drop_path=0.1,
-                mixup=0.8, cutmix=1.0, smoothing=0.1, epochs=100, warmup_epochs=5.0,
-                min_lr=1e-6, crop_scale=[0.08, 1.0]),
+                mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, epochs=100,
+                warmup_epochs=5.0, min_lr=1e-6, crop_scale=[0.08, 1.0]),
     "resnet": dict(optimizer="sgd", blr=0.05, wd=0.0, layer_decay=1.0, drop_path=0.0,
-                   mixup=0.0, cutmix=0.0, smoothing=0.1, epochs=90, warmup_epochs=0.0,
-                   min_lr=0.0, crop_scale=[0.08, 1.0]),
+                   mixup=0.0, cutmix=0.0, smoothing=0.1, reprob=0.0, epochs=90,
+                   warmup_epochs=0.0, min_lr=0.0, crop_scale=[0.08, 1.0]),
     "probe": dict(optimizer="lars", blr=0.1, wd=0.0, layer_decay=1.0, drop_path=0.0,
-                  mixup=0.0, cutmix=0.0, smoothing=0.0, epochs=90, warmup_epochs=10.0,
-                  min_lr=0.0, crop_scale=[0.08, 1.0]),
+                  mixup=0.0, cutmix=0.0, smoothing=0.0, reprob=0.0, epochs=90,
+                  warmup_epochs=10.0, min_lr=0.0, crop_scale=[0.08, 1.0]),
 }
 LARGE_VITS = ("vit_large", "vit_l", "vit_huge", "vit_h")  # MAE: blr 1e-3, 50 epochs
 # What a resumed run must share with the checkpoint it continues.
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mix-prob", type=float, default=1.0, help="probability that a batch is mixed")
     a("--switch-prob", type=float, default=0.5, help="cutmix instead of mixup, both on")
     a("--smoothing", type=float, default=None, help="label smoothing")
+    a("--reprob", type=float, default=None, help="random erasing probability per image")
     a("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"))
     a("--pool", choices=["auto", "cls", "avg"], default="auto",
       help="ViT features: auto = as pretrained (MAE avg + fc_norm; others the cls token)")
@@ -244,12 +246,14 @@ def evaluate(model: Classifier, loader, device: torch.device, amp_dtype) -> floa
     return correct / max(total, 1)
 
 
-def train_step(model, opt, scaler, mixup: Mixup, x, y, lr: float, s: dict, step: int,
-               amp_dtype) -> float:
+def train_step(model, opt, scaler, augment: tuple[RandomErasing, Mixup], x, y, lr: float,
+               s: dict, step: int, amp_dtype) -> float:
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_scale"]
     torch.manual_seed(step_seed(s["seed"], step))
-    x, target = mixup(x, y, np.random.default_rng([s["seed"], step, 0x31A]))
+    rng = np.random.default_rng([s["seed"], step, 0x31A])  # this step's erasing and mixing
+    erase, mixup = augment
+    x, target = mixup(erase(x, rng), y, rng)
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
         logits = model(x)
@@ -320,8 +324,9 @@ def run(args: argparse.Namespace, explicit_epochs: bool | None = None) -> dict:
     opt = build_optimizer(model, s)
     scaler = torch.amp.GradScaler(device.type, enabled=s["precision"] == "fp16")
     lr_sched = schedules.cosine(s["peak_lr"], s["min_lr"], schedule, warmup)
-    mixup = Mixup(n_cls, s["mixup"], s["cutmix"], s["smoothing"], s["mix_prob"],
-                  s["switch_prob"])
+    augment = (RandomErasing(s["reprob"]),
+               Mixup(n_cls, s["mixup"], s["cutmix"], s["smoothing"], s["mix_prob"],
+                     s["switch_prob"]))
 
     step = 0
     state = resume_state(s, out)
@@ -337,7 +342,7 @@ def run(args: argparse.Namespace, explicit_epochs: bool | None = None) -> dict:
     progress.message(settings_line(s, model, encoder))
     if state is not None:
         progress.message(f"resumed from {state['path']} at step {step}")
-    summary = train_loop(model, opt, scaler, mixup, lr_sched, train_loader, test_loader,
+    summary = train_loop(model, opt, scaler, augment, lr_sched, train_loader, test_loader,
                          device, amp_dtype, s, cfg, out, step, logger, progress)
     logger.close()
     return summary
@@ -348,7 +353,7 @@ def settings_line(s: dict, model: Classifier, encoder) -> str:
     kind = ("linear probe" if s["linear_probe"] else "fine-tuning") + (
         " from random init" if s["random_init"] else "")
     keys = ("optimizer", "peak_lr", "wd", "layer_decay", "drop_path", "mixup", "cutmix",
-            "smoothing", "batch_size", "total_steps", "schedule_steps", "warmup_steps",
+            "smoothing", "reprob", "batch_size", "total_steps", "schedule_steps", "warmup_steps",
             "crop_scale", "min_lr")
     vit = "ViT" if is_vit_encoder(encoder) else "ResNet"
     return (f"{kind}: {s['method']} {s['arch']} ({vit}, pool {s['pool']}), {n / 1e6:.2f}M "
@@ -356,7 +361,7 @@ def settings_line(s: dict, model: Classifier, encoder) -> str:
             + ", ".join(f"{k} {s[k]}" for k in keys))
 
 
-def train_loop(model, opt, scaler, mixup, lr_sched, train_loader, test_loader, device,
+def train_loop(model, opt, scaler, augment, lr_sched, train_loader, test_loader, device,
                amp_dtype, s, cfg, out, step, logger, progress) -> dict:
     total, spe = s["total_steps"], s["steps_per_epoch"]
     eval_steps = max(1, round(s["eval_every"] * spe)) if s["eval_every"] > 0 else 0
@@ -373,7 +378,7 @@ def train_loop(model, opt, scaler, mixup, lr_sched, train_loader, test_loader, d
             if i >= total or stop["signal"] is not None:
                 break
             lr = float(lr_sched[i])
-            loss = train_step(model, opt, scaler, mixup, x.to(device, non_blocking=True),
+            loss = train_step(model, opt, scaler, augment, x.to(device, non_blocking=True),
                               y.to(device), lr, s, i, amp_dtype)
             step = i + 1
             progress.update(step, loss, lr)

@@ -11,6 +11,7 @@ from selfsup.engine.config import build_parser, resolve
 from selfsup.engine.finetune_utils import (
     Classifier,
     Mixup,
+    RandomErasing,
     param_groups,
     resolve_pool,
     set_drop_path,
@@ -93,9 +94,9 @@ def test_the_step_applies_the_scaled_lr_and_decay_only_where_due():
              clip_grad=None)
     opt = finetune.build_optimizer(model, s)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    mix = Mixup(10, 0.0, 0.0, 0.0)
+    augment = (RandomErasing(0.0), Mixup(10, 0.0, 0.0, 0.0))
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
-    finetune.train_step(model, opt, scaler, mix, x, y, 1e-3, s, 0, None)
+    finetune.train_step(model, opt, scaler, augment, x, y, 1e-3, s, 0, None)
     for g in opt.param_groups:
         assert g["lr"] == 1e-3 * g["lr_scale"]
         assert g["weight_decay"] == (0.05 if g["apply_wd"] else 0.0)
@@ -181,6 +182,29 @@ def test_mixup_and_cutmix_switch_per_batch_and_prob_zero_mixes_nothing():
         Mixup(10, -1.0, 1.0)
     with pytest.raises(ValueError, match="--smoothing"):
         Mixup(10, 0.8, 1.0, smoothing=1.0)
+
+
+def test_random_erasing_replaces_one_box_per_chosen_image():
+    x = torch.zeros(64, 3, 16, 16)
+    out = RandomErasing(1.0)(x, np.random.default_rng(0))
+    assert torch.equal(x, torch.zeros_like(x))  # the input is not modified in place
+    fractions = []
+    for img in out:
+        changed = img != 0  # noise is never exactly 0
+        assert torch.equal(changed[0], changed[1]) and torch.equal(changed[0], changed[2])
+        rows, cols = changed[0].any(1).nonzero(), changed[0].any(0).nonzero()
+        box = torch.zeros_like(changed[0])
+        box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        assert torch.equal(changed[0], box)  # one solid rectangle
+        fractions.append(changed[0].float().mean().item())
+    assert 1 / 256 <= min(fractions) and max(fractions) <= 0.45  # area 0.02-1/3, rounded
+    assert 0.5 < abs(out[out != 0]).std() < 1.5  # N(0, 1) noise
+    some = RandomErasing(0.25)(x, np.random.default_rng(1))
+    n = sum(bool((img != 0).any()) for img in some)
+    assert 5 <= n <= 30  # about a quarter of 64
+    assert RandomErasing(0.0)(x, np.random.default_rng(0)) is x
+    with pytest.raises(ValueError, match="--reprob"):
+        RandomErasing(1.5)
 
 
 # ----------------------------------------------------------------------------- drop path

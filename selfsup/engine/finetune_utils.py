@@ -1,5 +1,6 @@
 """Pieces of supervised fine-tuning (selfsup.finetune): the classifier around a pretrained
-encoder, layer-wise lr decay, stochastic depth, mixup / cutmix and the soft-target loss.
+encoder, layer-wise lr decay, stochastic depth, random erasing, mixup / cutmix and the
+soft-target loss.
 
 Derived from the papers, not from their code:
 - Layer-wise lr decay (BEiT, Bao et al. 2022, §2.4; MAE, He et al. 2022, App. A.2): a ViT of
@@ -76,7 +77,7 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, num_classes: int, pool: str, *,
-                 probe: bool = False, head_init_std: float = 2e-5) -> None:
+                 probe: bool = False, head_init_std: float | None = None) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
@@ -84,8 +85,12 @@ class Classifier(nn.Module):
         dim = encoder.feature_dim
         self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if pool == "avg" and not probe else None
         linear = nn.Linear(dim, num_classes)
-        # A near-zero head: at step 0 every class is equally likely, so the first, large
-        # gradients do not flow back through a random projection into the pretrained blocks.
+        # Fine-tuning: a near-zero head (std 2e-5), so at step 0 every class is equally likely
+        # and the first, large gradients do not flow back through a random projection into
+        # the pretrained blocks. The probe: std 0.01, since LARS steps are proportional to the
+        # weight's norm and a near-zero head would hardly move.
+        if head_init_std is None:
+            head_init_std = 0.01 if probe else 2e-5
         nn.init.trunc_normal_(linear.weight, std=head_init_std, a=-2 * head_init_std,
                               b=2 * head_init_std)
         nn.init.zeros_(linear.bias)
@@ -223,6 +228,43 @@ class Mixup:
             lam = float(lam_mixup)
             x = x * lam + partner * (1.0 - lam)
         return x, target * lam + target.flip(0) * (1.0 - lam)
+
+
+class RandomErasing:
+    """Random Erasing (Zhong et al. 2020), as MAE's fine-tuning applies it (p = 0.25): each
+    image, with probability p, gets one box of area U(0.02, 1/3) of the image and aspect ratio
+    log-uniform in (0.3, 1/0.3) replaced by N(0, 1) noise per pixel and channel (the images
+    are normalized, so that is noise at the data's own scale). Ten tries to fit the box, else
+    the image is left alone. Applied before mixup / cutmix, as a per-image augmentation.
+    """
+
+    def __init__(self, p: float = 0.25, scale: tuple[float, float] = (0.02, 1 / 3),
+                 ratio: tuple[float, float] = (0.3, 1 / 0.3), tries: int = 10) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"--reprob must be in [0, 1], got {p}")
+        self.p, self.scale, self.ratio, self.tries = p, scale, ratio, tries
+
+    def __call__(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        if self.p == 0:
+            return x
+        b, c, h, w = x.shape
+        # every value drawn up front, whatever the coins say
+        coin = rng.random(b)
+        area = rng.uniform(*self.scale, (b, self.tries)) * h * w
+        logr = rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1]), (b, self.tries))
+        pos = rng.random((b, self.tries, 2))
+        eh = np.rint(np.sqrt(area * np.exp(logr))).astype(int)
+        ew = np.rint(np.sqrt(area / np.exp(logr))).astype(int)
+        fits = (eh >= 1) & (ew >= 1) & (eh <= h) & (ew <= w)
+        out = None
+        for i in np.flatnonzero((coin < self.p) & fits.any(1)):
+            t = int(np.argmax(fits[i]))
+            bh, bw = int(eh[i, t]), int(ew[i, t])
+            top, left = int(pos[i, t, 0] * (h - bh + 1)), int(pos[i, t, 1] * (w - bw + 1))
+            noise = torch.from_numpy(rng.standard_normal((c, bh, bw), dtype=np.float32))
+            out = x.clone() if out is None else out
+            out[i, :, top:top + bh, left:left + bw] = noise.to(x.device, x.dtype)
+        return x if out is None else out
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

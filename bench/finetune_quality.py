@@ -1,0 +1,132 @@
+"""Issue 25.3's quality row: MAE fine-tuned vs linear probe vs random init, at equal budget.
+
+    python bench/finetune_quality.py             # pretrain (or reuse), then the three runs
+    python bench/finetune_quality.py --table     # the markdown table of the recorded results
+    python bench/finetune_quality.py --scale 0.05  # a smoke run (writes nothing under bench/)
+
+1. Pretrain MAE with bench/quality.py's "mae" row (= train.py's demo recipe: ViT-tiny, patch 4,
+   16-px Fashion-MNIST, 520 x 128, about 6 CPU minutes). A finished run in --out is reused,
+   with the figures recorded when it ran.
+2. From that checkpoint, with the same number of steps, batch, data and crops (0.2-1, the
+   pretraining's; the paper's 0.08 leaves ~4-px crops of a 16-px image):
+   - fine-tuned: the MAE recipe of selfsup.finetune (AdamW, layer decay 0.75, drop path 0.1,
+     mixup 0.8 / cutmix 1.0, smoothing 0.1, random erasing 0.25, blr 5e-4, 5% warm-up,
+     cosine);
+   - linear probe: `--linear-probe` (frozen encoder, BN + linear), AdamW at lr 1e-3 (see
+     RUNS: LARS at the paper's blr barely moves at batch 128);
+   - random init: the same fine-tuning from the untrained encoder, without layer decay
+     (which presumes pretrained lower layers; MAE's from-scratch baseline has none either).
+   Scored on Fashion-MNIST's full 10k test split. CPU time is the process's user + sys time
+   at one torch thread (the machine is shared; wall time depends on the neighbours).
+Results: bench/results/finetune.json and finetune.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import quality  # noqa: E402  (bench/quality.py: the MAE pretraining row, CPU clock, threads)
+
+STEPS, BATCH = 300, 128
+COMMON = ["--batch-size", str(BATCH), "--crop-scale", "0.2", "1.0", "--device", "cpu",
+          "--workers", "1", "--log-every", "50", "--seed", "0"]
+RUNS = {  # name -> extra flags after --checkpoint RUN --steps N
+    "fine-tuned": [],
+    # AdamW at lr 1e-3 (selfsup.eval linear's probe): MAE's LARS (eta 0.001) at blr 0.1 moves
+    # a weight by ~lr * 0.001 of its norm a step, made for batch 16384; at batch 128 it is
+    # 5e-5 a step, and 300 steps barely leave the init.
+    "linear probe": ["--linear-probe", "--optimizer", "adamw", "--lr", "1e-3"],
+    "random init": ["--random-init", "--layer-decay", "1.0"],
+}
+
+
+def pretrain(out: Path, scale: float) -> tuple[dict, Path]:
+    """(the pretraining row, its run folder); a finished run is reused (smoke runs too)."""
+    record = out / "pretrain.json"
+    if record.exists() and (out / "mae" / "checkpoint.pt").exists():
+        return {**json.loads(record.read_text()), "reused": True}, out / "mae"
+    root = out if scale == 1.0 else out / "smoke"  # a smoke run never replaces the real one
+    row = quality.run_one("mae", scale, root)
+    if scale == 1.0:
+        record.write_text(json.dumps(row, indent=1) + "\n")
+    return row, root / "mae"
+
+
+def run_one(name: str, ckpt: Path, steps: int, out: Path) -> dict:
+    from selfsup.finetune import build_parser, run
+
+    argv = ["--checkpoint", str(ckpt), "--steps", str(steps), *COMMON, *RUNS[name],
+            "--out", str(out / name.replace(" ", "-"))]
+    cpu0, wall0 = quality.cpu_seconds(), time.perf_counter()
+    summary = run(build_parser().parse_args(argv))
+    cpu, wall = quality.cpu_seconds() - cpu0, time.perf_counter() - wall0
+    if "interrupted" in summary:
+        raise SystemExit(f"{name}: interrupted ({summary['interrupted']}), nothing recorded")
+    s = summary["settings"]
+    return dict(name=name, top1=round(summary["top1"], 4), steps=summary["steps"],
+                batch=s["batch_size"], cpu_s=round(cpu, 1), wall_s=round(wall, 1),
+                trained_params="head only" if s["linear_probe"] else "all",
+                optimizer=s["optimizer"], peak_lr=s["peak_lr"], layer_decay=s["layer_decay"],
+                command="python -m selfsup.finetune " + " ".join(argv))
+
+
+def table(result: dict) -> str:
+    p = result["pretrain"]
+    lines = [f"MAE pretraining: {p['arch']}, {p['steps']} x {p['batch']} steps, "
+             f"{p['cpu_s'] / 60:.1f} CPU min, 20-NN {100 * p['knn_random']:.1f}% (random "
+             f"init) -> {100 * p['knn_trained']:.1f}% (`{p['command']}`).", "",
+             "| from the MAE checkpoint | steps × batch | trained | top-1 (10k test) "
+             "| CPU time | wall |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | {r['steps']} × {r['batch']} | {r['trained_params']} | "
+                     f"{100 * r['top1']:.2f}% | {r['cpu_s'] / 60:.1f} min | "
+                     f"{r['wall_s'] / 60:.1f} min |")
+    lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in result["rows"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(ROOT / "runs" / "finetune-bench"))
+    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "finetune.json"))
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of every run's steps")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--table", action="store_true", help="only print the recorded table")
+    a = p.parse_args(argv)
+    if a.table:
+        print(table(json.loads(Path(a.json).read_text())))
+        return 0
+    quality.torch_threads(a.threads)
+    out = Path(a.out)
+    pre, ckpt = pretrain(out, a.scale)
+    print(json.dumps(pre), flush=True)
+    steps = max(2, round(STEPS * a.scale))
+    rows = []
+    for name in RUNS:
+        rows.append(run_one(name, ckpt, steps, out if a.scale == 1.0 else out / "smoke"))
+        print(json.dumps(rows[-1]), flush=True)
+    result = dict(pretrain=pre, rows=rows, threads=quality.torch_threads(),
+                  machine=platform.processor() or platform.machine(),
+                  total_cpu_s=round(pre["cpu_s"] + sum(r["cpu_s"] for r in rows), 1),
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    md = table(result)
+    if a.scale == 1.0:  # smoke runs never overwrite the recorded results
+        path = Path(a.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        path.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
