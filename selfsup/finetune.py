@@ -7,9 +7,9 @@
 
 ViTs (He et al. 2022, App. A.2; Bao et al. 2022): AdamW (0.9, 0.999), lr = blr * batch / 256
 (blr 5e-4, ViT-L/H 1e-3), weight decay 0.05, layer-wise lr decay 0.75, drop path 0.1, mixup
-0.8 / cutmix 1.0 (one per batch, switch 0.5), label smoothing 0.1, random erasing 0.25, per-step
-warm-up (5 of 100 epochs) then cosine to 1e-6. The features are pooled as the method was pretrained: MAE the
-mean patch token under a fresh LayerNorm, MoCo v3 / DINO the cls token.
+0.8 / cutmix 1.0 (one per batch, switch 0.5), label smoothing 0.1, random erasing 0.25,
+per-step warm-up (5 of 100 epochs) then cosine to 1e-6. The features are pooled as the method
+was pretrained: MAE the mean patch token under a fresh LayerNorm, MoCo v3 / DINO the cls token.
 ResNets: no layer decay; SGD with Nesterov momentum 0.9, blr 0.05, no weight decay (SimCLR's
 fine-tuning, Chen et al. 2020, App. B.5), label smoothing 0.1, no mixup.
 --linear-probe: MAE's probe (BatchNorm without affine + linear on the frozen features), LARS

@@ -154,7 +154,8 @@ def param_groups(model: Classifier, layer_decay: float) -> list[dict]:
         if key not in groups:
             scale = layer_decay ** (depth + 1 - lid) if vit else 1.0
             groups[key] = dict(params=[], lr_scale=scale, apply_wd=decay,
-                               lars_exclude=not decay, name=f"layer{lid}_{'wd' if decay else 'nowd'}")
+                               lars_exclude=not decay,
+                               name=f"layer{lid}_{'wd' if decay else 'nowd'}")
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
