@@ -40,7 +40,7 @@ from .engine.checkpoint import CheckpointError, load_method
 from .engine.monitors import extract_features, knn_classify
 
 DEFAULT_TRAIN_SIZE = 10000  # images: about a minute of a 2-core CPU with a resnet_tiny
-DEFAULT_TEST_SIZE = 2000
+DEFAULT_TEST_SIZE = 5000
 
 
 def score_args(cfg, args) -> tuple:

@@ -4,7 +4,7 @@ Listing a 1.28M-file ImageNet train tree costs tens of seconds on a network or c
 every start of every run. A directory's mtime changes whenever an entry is added, removed or
 renamed in it, so the set of files is unchanged as long as every directory of the tree keeps
 its mtime: checking that costs one stat per directory (1,001 for ImageNet), not one entry per
-file. The index stores each directory's (relative path, mtime_ns) and the image names in it;
+file. The index stores each directory's (relative path, mtime_ns) and the image paths;
 it is valid when the extensions match, every recorded directory below the root still has its
 mtime (a new subdirectory changes its parent's mtime, so it is seen too), and the root still
 lists the same folders and images. The root is checked by its listing (one scandir of ~1,000
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 INDEX_NAME = ".selfsup-scan.idx"
-HEADER = "selfsup-scan 1"
+HEADER = "selfsup-scan 2"
 CACHE_ENV = "SELFSUP_SCAN_CACHE"
 MTIME_SLACK_NS = 2_000_000_000  # 2 s: FAT's mtime tick; ext4/xfs/NFS are finer
 
@@ -61,7 +61,7 @@ def walk(root: str | os.PathLike, extensions: tuple[str, ...]
     parts; [(directory relative path, mtime_ns)], the root first as "")."""
     root = os.fspath(root)
     exts = tuple(e.lower() for e in extensions)
-    files: list[str] = []
+    children: dict[str, list[tuple[str, bool]]] = {}  # dir -> its sorted (name, is_dir)
     dirs: list[tuple[str, int]] = []
     seen: set[tuple[int, int]] = set()
     stack = [""]
@@ -74,19 +74,42 @@ def walk(root: str | os.PathLike, extensions: tuple[str, ...]
         seen.add((st.st_dev, st.st_ino))
         dirs.append((rel, st.st_mtime_ns))
         prefix = rel + "/" if rel else ""
+        names = []
         with os.scandir(path) as it:
             for e in it:
                 if e.name.startswith("."):
                     continue
                 try:
                     if e.is_dir():
+                        names.append((e.name, True))
                         stack.append(prefix + e.name)
                     elif e.name.lower().endswith(exts) and e.is_file():
-                        files.append(prefix + e.name)
+                        names.append((e.name, False))
                 except OSError:  # a dangling symlink, a racing delete: not an image
                     continue
-    files.sort(key=lambda p: p.split("/"))
-    return files, dirs
+        names.sort()  # names are unique in a folder: is_dir never decides
+        children[rel] = names
+    return _in_order(children), dirs
+
+
+def _in_order(children: dict[str, list[tuple[str, bool]]]) -> list[str]:
+    """Files depth first over sorted folders: the order of sorting the paths by their parts,
+    without sorting a million split paths."""
+    files: list[str] = []
+    stack = [("", iter(children[""]))]
+    while stack:
+        rel, it = stack[-1]
+        nxt = next(it, None)
+        if nxt is None:
+            stack.pop()
+            continue
+        name, is_dir = nxt
+        path = rel + "/" + name if rel else name
+        if not is_dir:
+            files.append(path)
+        elif path in children:  # (not there: a loop, or a folder already walked)
+            stack.append((path, iter(children[path])))
+    return files
 
 
 # ----------------------------------------------------------------------------- index files
@@ -113,46 +136,33 @@ def _read(index: Path, root: str, extensions: tuple[str, ...]) -> list[str] | No
         text = index.read_text(encoding="utf-8", errors="surrogateescape")
     except OSError:
         return None
-    lines = text.split("\n")
-    if len(lines) < 2 or lines[0] != HEADER:
+    head, _, body = text.partition("\n")
+    meta_line, _, body = body.partition("\n")
+    if head != HEADER:
         return None
     try:
-        meta = json.loads(lines[1])
+        meta = json.loads(meta_line)
         if meta["root"] != os.path.realpath(root) or meta["ext"] != list(extensions):
             return None
         if meta["top"] != top_level(root, extensions):
             return None
-        dirs = meta["dirs"]
-        for rel, mtime, _ in dirs:
+        for rel, mtime in meta["dirs"]:
             if rel and os.stat(os.path.join(root, rel)).st_mtime_ns != mtime:
                 return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    names = lines[2:-1]  # the file ends with a newline
-    if sum(n for _, _, n in dirs) != len(names):
-        return None
-    files, k = [], 0
-    for rel, _, n in dirs:
-        prefix = rel + "/" if rel else ""
-        files.extend(prefix + name for name in names[k:k + n])
-        k += n
-    files.sort(key=lambda p: p.split("/"))
-    return files
+    files = body.split("\n")[:-1] if body else []  # each path ends with a newline
+    return files if len(files) == meta.get("n") else None
 
 
 def _write(index: Path, root: str, extensions, files: list[str],
            dirs: list[tuple[str, int]], top: list[str]) -> bool:
     """Write the index atomically; False where it cannot be (read-only, odd names)."""
-    by_dir: dict[str, list[str]] = {rel: [] for rel, _ in dirs}
-    for f in files:
-        rel, _, name = f.rpartition("/")
-        if "\n" in name or rel not in by_dir:
-            return False
-        by_dir[rel].append(name)
+    if any("\n" in f for f in files):
+        return False
     meta = {"root": os.path.realpath(root), "ext": list(extensions), "top": top,
-            "dirs": [[rel, m, len(by_dir[rel])] for rel, m in dirs]}
-    body = "\n".join(n for rel, _ in dirs for n in by_dir[rel])
-    text = f"{HEADER}\n{json.dumps(meta)}\n{body}\n" if body else f"{HEADER}\n{json.dumps(meta)}\n"
+            "n": len(files), "dirs": [[rel, m] for rel, m in dirs]}
+    text = f"{HEADER}\n{json.dumps(meta)}\n" + "".join(f + "\n" for f in files)
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".selfsup-scan-", dir=index.parent)
