@@ -79,6 +79,19 @@ def run_one(name: str, ckpt: Path, steps: int, out: Path) -> dict:
                 command="python -m selfsup.finetune " + " ".join(argv))
 
 
+def code_version() -> str:
+    """HEAD, and whether the (shared) working tree had uncommitted changes when this ran."""
+    import subprocess
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout
+
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no",
+                                      "selfsup").splitlines()]
+    return head + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else "")
+
+
 def table(result: dict) -> str:
     p = result["pretrain"]
     lines = [f"MAE pretraining: {p['arch']}, {p['steps']} x {p['batch']} steps, "
@@ -106,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(json.loads(Path(a.json).read_text())))
         return 0
     quality.torch_threads(a.threads)
+    code = code_version()  # at the start: what the runs below import
     out = Path(a.out)
     pre, ckpt = pretrain(out, a.scale)
     print(json.dumps(pre), flush=True)
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in RUNS:
         rows.append(run_one(name, ckpt, steps, out if a.scale == 1.0 else out / "smoke"))
         print(json.dumps(rows[-1]), flush=True)
-    result = dict(pretrain=pre, rows=rows, threads=quality.torch_threads(),
+    result = dict(pretrain=pre, rows=rows, code=code, threads=quality.torch_threads(),
                   machine=platform.processor() or platform.machine(),
                   total_cpu_s=round(pre["cpu_s"] + sum(r["cpu_s"] for r in rows), 1),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))

@@ -296,8 +296,9 @@ def test_resume_continues_the_same_run(mae_run, tmp_path, capsys):
     """4 steps at once == 2 steps, stop, then resume for the rest (bit for bit on CPU)."""
     common = ["--checkpoint", mae_run, "--epochs", "1", "--warmup-steps", "1", "--blr", "1e-2",
               *TUNE]
-    rc, out_a, _ = tune([*common, "--out", tmp_path / "a"], capsys)
-    assert rc == 0
+    # run a also scores the test split mid-way: evaluating must not change what it trains
+    rc, out_a, _ = tune([*common, "--out", tmp_path / "a", "--eval-every", "0.5"], capsys)
+    assert rc == 0 and "[eval] step 2: top-1" in out_a
     rc, _, _ = tune([*common, "--out", tmp_path / "b", "--steps", "2"], capsys)
     assert rc == 0
     half = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
@@ -312,6 +313,16 @@ def test_resume_continues_the_same_run(mae_run, tmp_path, capsys):
         assert torch.equal(v, b["model"][k]), k
     assert not torch.equal(a["model"]["head.weight"], half["model"]["head.weight"])
     assert out_a.strip().splitlines()[-1] == out_b.strip().splitlines()[-1]
+
+
+def test_schedule_length_follows_steps_and_epochs():
+    s = dict(steps=None, epochs=100, warmup_epochs=5.0, warmup_steps=None)
+    assert finetune.schedule_lengths(s, 10, False) == (1000, 1000, 50)
+    s["steps"] = 300  # alone: the schedule is 300 steps, the warm-up keeps its 5%
+    assert finetune.schedule_lengths(s, 10, False) == (300, 300, 15)
+    assert finetune.schedule_lengths(s, 10, True) == (1000, 300, 50)  # with --epochs: a stop
+    s["warmup_steps"] = 7
+    assert finetune.schedule_lengths(s, 10, False) == (300, 300, 7)
 
 
 def test_linear_probe_trains_the_head_only(mae_run, tmp_path, capsys):
