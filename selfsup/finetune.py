@@ -20,13 +20,16 @@ saved with the checkpoint. `--steps N` alone makes the schedule N steps long (th
 its fraction of it); with `--epochs` too it stops after N steps of the epochs' schedule.
 Checkpoints (DIR/checkpoint.pt) are atomic and load with torch.load(weights_only=True). The
 last line printed is the top-1 accuracy on the held-out split: ``finetune_top1 0.9012``.
-Not implemented (yet): MAE's RandAugment (9, 0.5), model EMA, several processes.
+Several processes: `torchrun --nproc_per_node N -m selfsup.finetune ...` (DDP; lr = blr x
+batch x N / 256; rank 0 logs, saves and scores). Not implemented (yet): MAE's RandAugment
+(9, 0.5), model EMA, gradient accumulation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -35,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import dist
 from .data import DatasetError, build_loader, load_dataset
 from .data.datasets import subset
 from .engine import checkpoint as ckpt
@@ -52,6 +56,7 @@ from .engine.finetune_utils import (
 )
 from .engine.optim import LARS
 from .engine.runlog import Progress, RunLogger
+from .engine.trainer import agree
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Recipe values, by family; a flag given on the command line wins.
@@ -175,7 +180,7 @@ def load_encoder(s: dict, device: torch.device):
     return method.encoder(), cfg
 
 
-def make_loaders(s: dict, cfg):
+def make_loaders(s: dict, cfg, rank: int = 0, world: int = 1):
     data = s["data"] or cfg.data
     train = subset(load_dataset(data, "train"), s["train_size"], s["seed"])
     test = subset(load_dataset(s["test_data"] or data, "test"), s["test_size"], s["seed"])
@@ -186,7 +191,8 @@ def make_loaders(s: dict, cfg):
               device=s["data_device"], num_threads=s["workers"])
     # MAE's fine-tuning crop + flip (the "mae" recipe: scale range, ratio 3/4-4/3, flip 0.5)
     train_loader = build_loader(train, "mae", s["batch_size"], drop_last=True,
-                                scale=tuple(s["crop_scale"]), **kw)
+                                scale=tuple(s["crop_scale"]), shard_id=rank, num_shards=world,
+                                **kw)
     test_loader = build_loader(test, "eval", s["batch_size"], drop_last=False, **kw)
     if len(train_loader) == 0:
         raise ValueError(f"--batch-size {s['batch_size']} exceeds the train set "
@@ -206,16 +212,28 @@ def build_optimizer(model: Classifier, s: dict) -> torch.optim.Optimizer:
 
 
 def setup_device(name: str) -> torch.device:
+    """The device, after joining the process group when torchrun launched several."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but CUDA is not available")
-    return torch.device("cuda" if name == "cuda" or name == "auto"
-                        and torch.cuda.is_available() else "cpu")
+    want_cuda = name == "cuda" or name == "auto" and torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_dist():
+        torch.distributed.init_process_group("nccl" if want_cuda else "gloo")
+    if want_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def step_key(seed: int, step: int) -> list[int]:
+    """What seeds one step's randomness (drop path, erasing, mixing): a resumed run draws what
+    an uninterrupted one does, whatever else (loader threads, evaluation) drew meanwhile.
+    Ranks past 0 add their rank, so each process draws its own masks."""
+    return [seed, step] + ([dist.rank()] if dist.rank() else [])
 
 
 def step_seed(seed: int, step: int) -> int:
-    """The torch seed of one step (drop path): a resumed run draws what an uninterrupted one
-    does, whatever else (loader threads, evaluation) drew from the global RNG meanwhile."""
-    return int(np.random.SeedSequence([seed, step, 0xF17E]).generate_state(1)[0])
+    return int(np.random.SeedSequence([*step_key(seed, step), 0xF17E]).generate_state(1)[0])
 
 
 # ============================================================================ the loop
@@ -247,20 +265,25 @@ def evaluate(model: Classifier, loader, device: torch.device, amp_dtype) -> floa
 
 
 def train_step(model, opt, scaler, augment: tuple[RandomErasing, Mixup], x, y, lr: float,
-               s: dict, step: int, amp_dtype) -> float:
+               s: dict, step: int, amp_dtype, stopping: bool = False) -> float | None:
+    """One optimizer step; None (and no update) when a signal reached any rank."""
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_scale"]
     torch.manual_seed(step_seed(s["seed"], step))
-    rng = np.random.default_rng([s["seed"], step, 0x31A])  # this step's erasing and mixing
+    rng = np.random.default_rng([*step_key(s["seed"], step), 0x31A])  # erasing and mixing
     erase, mixup = augment
     x, target = mixup(erase(x, rng), y, rng)
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
         logits = model(x)
     loss = soft_cross_entropy(logits, target)
-    if not torch.isfinite(loss.detach()).item():
+    # every rank learns what any rank saw, so all stop at the same step (none hangs)
+    bad, stop_now = agree(not torch.isfinite(loss.detach()).item(), stopping)
+    if bad:
         raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step} with lr "
                                  f"{lr:.4g}: lower --blr or raise --warmup-epochs")
+    if stop_now:
+        return None
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if s["clip_grad"]:
@@ -299,34 +322,31 @@ def resume_state(s: dict, out: Path) -> dict | None:
 def run(args: argparse.Namespace, explicit_epochs: bool | None = None) -> dict:
     """Fine-tune as `args` says; returns the summary (top1, steps, seconds, settings)."""
     device = setup_device(args.device)
+    rank, world = dist.rank(), dist.world_size()
     s = vars(args).copy()
     encoder, cfg = load_encoder(s, device)
     s = resolve(args, cfg.arch)
-    s.update(method=cfg.method, arch=cfg.arch)
+    s.update(method=cfg.method, arch=cfg.arch, world_size=world)
     what = "-probe" if s["linear_probe"] else "-random" if s["random_init"] else ""
     out = Path(s["out"] or f"runs/finetune-{cfg.method}-{cfg.arch}{what}")
     s["out"] = str(out)
-    amp_dtype = AMP_DTYPES[s["precision"]]
 
-    train_loader, test_loader, n_cls = make_loaders(s, cfg)
+    train_loader, test_loader, n_cls = make_loaders(s, cfg, rank, world)
     spe = len(train_loader)
     if explicit_epochs is None:
         explicit_epochs = args.epochs is not None
     schedule, total, warmup = schedule_lengths(s, spe, explicit_epochs)
     s.update(num_classes=n_cls, steps_per_epoch=spe, schedule_steps=schedule,
              total_steps=total, warmup_steps=warmup,
-             peak_lr=s["lr"] if s["lr"] is not None else s["blr"] * s["batch_size"] / 256)
+             peak_lr=s["lr"] if s["lr"] is not None
+             else s["blr"] * s["batch_size"] * world / 256)
     s["pool"] = resolve_pool(args.pool, cfg.method, encoder)
     encoder.requires_grad_(True)  # DINO's teacher and MoCo v3's patch embedding were frozen
     s["drop_path_per_block"] = set_drop_path(encoder, 0.0 if s["linear_probe"] else s["drop_path"])
-    torch.manual_seed(s["seed"])  # the head's init
+    torch.manual_seed(s["seed"])  # the head's init, the same on every rank
     model = Classifier(encoder, n_cls, s["pool"], probe=s["linear_probe"]).to(device)
     opt = build_optimizer(model, s)
     scaler = torch.amp.GradScaler(device.type, enabled=s["precision"] == "fp16")
-    lr_sched = schedules.cosine(s["peak_lr"], s["min_lr"], schedule, warmup)
-    augment = (RandomErasing(s["reprob"]),
-               Mixup(n_cls, s["mixup"], s["cutmix"], s["smoothing"], s["mix_prob"],
-                     s["switch_prob"]))
 
     step = 0
     state = resume_state(s, out)
@@ -336,16 +356,34 @@ def run(args: argparse.Namespace, explicit_epochs: bool | None = None) -> dict:
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
         ckpt.set_rng_state(state["rng"])
-    out.mkdir(parents=True, exist_ok=True)
-    logger = RunLogger(out, tensorboard=False)
-    progress = Progress(total, step, s["batch_size"], s["log_every"], enabled=True)
+    main = rank == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    logger = RunLogger(out, enabled=main, tensorboard=False)
+    progress = Progress(total, step, s["batch_size"] * world, s["log_every"], enabled=main)
     progress.message(settings_line(s, model, encoder))
     if state is not None:
         progress.message(f"resumed from {state['path']} at step {step}")
-    summary = train_loop(model, opt, scaler, augment, lr_sched, train_loader, test_loader,
-                         device, amp_dtype, s, cfg, out, step, logger, progress)
-    logger.close()
-    return summary
+    loop = dict(model=model, opt=opt, scaler=scaler, device=device, s=s, cfg=cfg, out=out,
+                logger=logger, progress=progress, amp_dtype=AMP_DTYPES[s["precision"]],
+                lr_sched=schedules.cosine(s["peak_lr"], s["min_lr"], schedule, warmup),
+                augment=(RandomErasing(s["reprob"]),
+                         Mixup(n_cls, s["mixup"], s["cutmix"], s["smoothing"], s["mix_prob"],
+                               s["switch_prob"])))
+    try:
+        return train_loop(loop, train_loader, test_loader, step)
+    finally:
+        logger.close()
+
+
+def wrap(model: Classifier, device: torch.device):
+    """DDP across the ranks (gradients averaged); the model itself on one process."""
+    if not dist.is_dist():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                   else None)
 
 
 def settings_line(s: dict, model: Classifier, encoder) -> str:
@@ -361,40 +399,59 @@ def settings_line(s: dict, model: Classifier, encoder) -> str:
             + ", ".join(f"{k} {s[k]}" for k in keys))
 
 
-def train_loop(model, opt, scaler, augment, lr_sched, train_loader, test_loader, device,
-               amp_dtype, s, cfg, out, step, logger, progress) -> dict:
+def train_loop(loop: dict, train_loader, test_loader, step: int) -> dict:
+    """Train from `step` to the end (or a signal); rank 0 saves, logs and scores."""
+    model, s, device, out = loop["model"], loop["s"], loop["device"], loop["out"]
+    progress, logger, amp_dtype = loop["progress"], loop["logger"], loop["amp_dtype"]
     total, spe = s["total_steps"], s["steps_per_epoch"]
     eval_steps = max(1, round(s["eval_every"] * spe)) if s["eval_every"] > 0 else 0
+    main, ckpt_path = dist.is_main(), out / ckpt.CHECKPOINT_NAME
+    net = wrap(model, device)
     stop = {"signal": None}
 
     def on_signal(signum, frame):
         stop["signal"] = signal.Signals(signum).name
 
+    def save(at: int) -> None:
+        if main:
+            save_state(ckpt_path, model, loop["opt"], loop["scaler"], at, at // spe,
+                       loop["cfg"], s)
+
+    def score(at: int) -> float | None:  # rank 0 scores the whole test split, the rest wait
+        acc = evaluate(model, test_loader, device, amp_dtype) if main else None
+        if main:
+            logger.log(at, {"top1": acc}, kind="eval")
+        dist.barrier()
+        return acc
+
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    t0, ckpt_path = time.perf_counter(), out / ckpt.CHECKPOINT_NAME
+    t0 = time.perf_counter()
     try:
         model.train()
         for i, _epoch, x, y in batches(train_loader, step, spe):
-            if i >= total or stop["signal"] is not None:
+            if i >= total:
                 break
-            lr = float(lr_sched[i])
-            loss = train_step(model, opt, scaler, augment, x.to(device, non_blocking=True),
-                              y.to(device), lr, s, i, amp_dtype)
+            lr = float(loop["lr_sched"][i])
+            loss = train_step(net, loop["opt"], loop["scaler"], loop["augment"],
+                              x.to(device, non_blocking=True), y.to(device), lr, s, i,
+                              amp_dtype, stopping=stop["signal"] is not None)
+            if loss is None:
+                stop["signal"] = stop["signal"] or "SIGTERM (another rank)"
+                break
             step = i + 1
             progress.update(step, loss, lr)
             if step % s["log_every"] == 0 or step == total:
                 logger.log(step, {"loss": loss, "lr": lr, "epoch": step / spe})
             if eval_steps and step % eval_steps == 0 and step < total:
-                acc = evaluate(model, test_loader, device, amp_dtype)
-                logger.log(step, {"top1": acc}, kind="eval")
-                progress.message(f"[eval] step {step}: top-1 {acc:.4f}")
+                acc = score(step)
+                progress.message(f"[eval] step {step}: top-1 {acc:.4f}" if main else "")
                 model.train()
             if step % s["ckpt_every"] == 0 and step < total:
-                save_state(ckpt_path, model, opt, scaler, step, step // spe, cfg, s)
+                save(step)
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
-    save_state(ckpt_path, model, opt, scaler, step, step // spe, cfg, s)
+    save(step)
     summary = {"steps": step, "seconds": round(time.perf_counter() - t0, 1),
                "checkpoint": str(ckpt_path), "settings": s}
     if stop["signal"] is not None:
@@ -402,10 +459,10 @@ def train_loop(model, opt, scaler, augment, lr_sched, train_loader, test_loader,
                          f"resume with the same command and --resume auto")
         summary["interrupted"] = stop["signal"]
         return summary
-    summary["top1"] = evaluate(model, test_loader, device, amp_dtype)
-    logger.log(step, {"top1": summary["top1"]}, kind="eval")
-    (out / "finetune.json").write_text(json.dumps(
-        {k: v for k, v in summary.items() if k != "settings"} | {"settings": s}, indent=1))
+    summary["top1"] = score(step)
+    if main:
+        (out / "finetune.json").write_text(json.dumps(
+            {k: v for k, v in summary.items() if k != "settings"} | {"settings": s}, indent=1))
     return summary
 
 
@@ -417,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if "interrupted" in summary:
+    if "interrupted" in summary or not dist.is_main():
         return 0
     s = summary["settings"]
     what = "linear probe" if s["linear_probe"] else "fine-tuned"

@@ -1,6 +1,11 @@
 """selfsup.finetune: layer-wise lr decay, mixup / cutmix / smoothing, drop path, pooling,
 checkpoints and resume, bad input. Runs on the committed Fashion-MNIST sample, tiny models."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -26,6 +31,7 @@ PRETRAIN = ["--data", "fashion-mnist-sample", "--img-size", "16", "--patch-size"
             "--workers", "1", "--knn-every", "-1", "--proj-hidden", "32", "--proj-dim", "16",
             "--out-dim", "64", "--n-local", "2", "--decoder-dim", "32", "--decoder-depth", "1",
             "--steps", "2"]
+ROOT = Path(__file__).resolve().parents[1]
 # 64 train images at batch 16: 4 steps an epoch
 TUNE = ["--train-size", "64", "--test-size", "48", "--batch-size", "16", "--device", "cpu",
         "--data-device", "portable", "--workers", "1", "--log-every", "1"]
@@ -71,12 +77,16 @@ def test_layer_decay_gives_each_block_its_exact_scale():
     scale = {id(p): g["lr_scale"] for g in param_groups(model, decay) for p in g["params"]}
     wd = {id(p): g["apply_wd"] for g in param_groups(model, decay) for p in g["params"]}
     seen = set()
+    assert not model.encoder.norm.weight.requires_grad  # avg pool: fc_norm replaces it
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert name.startswith("encoder.norm."), name
+            continue
         if name.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.pos_embed")):
             want = decay ** (depth + 1)  # layer 0
         elif name.startswith("encoder.blocks."):
             want = decay ** (depth - int(name.split(".")[2]))  # block i: layer i + 1
-        else:  # encoder.norm, fc_norm, head
+        else:  # fc_norm, head (and the final norm under cls pooling)
             want = 1.0
         assert scale[id(p)] == want, name
         seen.add(round(scale[id(p)], 12))
@@ -370,3 +380,28 @@ def test_bad_input_gives_clear_errors(mae_run, byol_run, tmp_path, capsys):
     assert rc == 2 and "--crop-scale" in err
     rc, _, err = tune(["--checkpoint", mae_run, "--layer-decay", "1.5", *TUNE], capsys)
     assert rc == 2 and "--layer-decay" in err
+
+
+# ----------------------------------------------------------------------------- torchrun
+@pytest.mark.dist
+def test_torchrun_two_processes_fine_tune(mae_run, tmp_path):
+    """DDP over 2 gloo ranks: the shards train one model (the bypassed final norm, frozen,
+    leaves DDP no unused parameter), rank 0 alone logs, saves and scores."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "SELFSUP_KERNELS": "torch", "SELFSUP_ATTN": "sdpa",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "selfsup.finetune", "--checkpoint", str(mae_run), "--steps", "2",
+           "--out", str(out), *TUNE]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("finetune_top1") == 1
+    assert r.stdout.strip().splitlines()[-1].startswith("finetune_top1 ")
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    s = state["finetune"]
+    assert state["step"] == 2 and s["world_size"] == 2
+    assert s["peak_lr"] == 5e-4 * 16 * 2 / 256  # lr scales with the global batch
+    assert s["steps_per_epoch"] == 2  # 64 images / (16 x 2 ranks)
+    rows = [ln for ln in (out / "log.jsonl").read_text().splitlines() if '"train"' in ln]
+    assert len(rows) == 2

@@ -98,6 +98,8 @@ class Classifier(nn.Module):
                      if probe else linear)
         if probe:
             encoder.requires_grad_(False)
+        elif pool == "avg":  # the final norm is bypassed: frozen, so DDP expects no gradient
+            encoder.norm.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
