@@ -673,3 +673,19 @@ def test_quality_tables_are_what_bench_quality_prints():
                     f"{path.relative_to(ROOT)}:{i + 1}: the quality table differs from "
                     f"`python bench/quality.py --table`; paste its output:\n" + "\n".join(want))
     assert "README.md" in found, "README.md lacks the table of `bench/quality.py --table`"
+
+
+# ------------------------------------------------------------------------------ links
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_relative_links_point_at_files():
+    broken = []
+    for path in DOCS:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for target in LINK.findall(line):
+                if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                    continue  # a URL or an anchor on the same page
+                if not (path.parent / target.split("#")[0]).exists():
+                    broken.append(f"{path.relative_to(ROOT)}:{n}: {target}")
+    assert not broken, "links to missing files:\n" + "\n".join(broken)
