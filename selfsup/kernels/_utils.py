@@ -179,13 +179,35 @@ def check_same_dtype(**tensors: torch.Tensor | None) -> torch.dtype | None:
     return next(iter(dtypes)) if dtypes else None
 
 
-def check_temperature(name: str, value: object) -> float:
-    """Return `value` as a float, or raise ValueError unless it is a finite number > 0."""
+def check_temperature(name: str, value: object, *, allow_tensor: bool = False):
+    """Return `value` as a float, or raise ValueError unless it is a finite number > 0.
+
+    allow_tensor=True (for ops whose kernels read the temperature from memory): a 1-element
+    floating tensor comes back as a 0-d tensor and is never read on the host when it lives on
+    an accelerator, since that read would wait for the device every step. Its value is
+    checked there by ``torch._assert_async``, which fails at the next synchronization. A CPU
+    tensor is checked here: reading host memory costs nothing.
+    """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a positive scalar, got a tensor of shape "
                              f"{tuple(value.shape)}")
-        value = value.item()
+        if not allow_tensor:
+            value = value.item()
+        elif not value.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        else:
+            t = value.reshape(())
+            if t.device.type == "cpu":
+                _check_positive(name, t.item())
+            else:
+                torch._assert_async((t > 0) & torch.isfinite(t),
+                                    f"{name} must be a finite number > 0")
+            return t
+    return _check_positive(name, value)
+
+
+def _check_positive(name: str, value: object) -> float:
     try:
         v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):

@@ -21,24 +21,29 @@ With p_ij = exp(s_ij - lse_i):
 The loss is a scalar, so the query gradient is accumulated in the same sweep as the online
 logsumexp (a flash-attention forward with V = keys, ROOFLINE.md): backward only scales it by
 the upstream gradient. Key gradients (in-batch keys, NT-Xent) need every row's lse first, so
-they take a second sweep over key blocks: no atomics, deterministic.
+they take a second sweep over key blocks, split over row ranges to fill the SMs; the splits'
+partial sums are added in a fixed order: no atomics, deterministic.
 
 Paths, picked by `choose_backend` (``SELFSUP_KERNELS=triton|torch|ref`` forces one):
 - "triton": `_info_nce_fwd_kernel` (grid: row blocks x key splits, partial (m, l, sum p.key)
   per split) -> `_info_nce_merge_kernel` (per-row lse, loss, dq, positive read directly) ->
-  `_info_nce_dk_kernel` in backward when the keys need grad. fp32 accumulation; fp16/bf16 are
-  upcast on load; fp64 (the interpreter's float64 tests) computes in fp64, so those
-  comparisons are as tight as the portable path's. C > 512 takes the portable path.
-- "torch": portable chunked torch in the same autograd.Function. The queue is swept in key
-  chunks of ~1M logits (4096 keys at N=256, 1 thread) with an online max; in-batch / NT-Xent
-  rows are swept in row chunks across the full key width (exact log_softmax per chunk; dq and
-  dk from the same probabilities).
+  `_info_nce_dk_kernel` in backward when the keys need grad. fp16/bf16 operands go to the
+  MMAs as they are, with fp32 accumulation; the probabilities are rounded to the key dtype
+  for the P @ keys GEMM, as flash-attention does for P @ V. fp32 inputs use tf32x3 (or tf32
+  when the user allowed TF32 for fp32 matmuls; read per call). fp64 CPU tensors (the
+  interpreter's float64 tests) compute in fp64, so those comparisons are as tight as the
+  portable path's; fp64 CUDA tensors and C > 512 take the portable path.
+- "torch": portable chunked torch in the same autograd.Function (`_info_nce_torch.py`).
 - "ref": the `*_ref` functions, written like the papers (materialized logits + CE).
 
 normalize=True L2-normalizes in torch before the Function (autograd differentiates through
-F.normalize). Mixed input dtypes are promoted to a common one. The loss comes back in the
-accumulation dtype (fp32 for half inputs, as autocast's cross-entropy does); gradients in each
-input's dtype.
+F.normalize); the result keeps the input's dtype (CUDA autocast computes norms in fp32, which
+would otherwise promote a bf16 run to the fp32 kernels). Mixed input dtypes are promoted to a
+common one. The loss comes back in the accumulation dtype (fp32 for half inputs, as
+autocast's cross-entropy does); gradients in each input's dtype, scaled by the upstream
+gradient in fp32 before that cast (GradScaler's 65536 then keeps small entries of fp16
+gradients from underflowing). The temperature may be a 0-d tensor on the inputs' device: the
+kernels read it from memory, so it is never synced to the host.
 """
 
 from __future__ import annotations
@@ -48,8 +53,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ._info_nce_torch import MoCoQueue, queue_sweep_torch, rows_sweep_torch
 from ._registry import KernelConfig, register_kernel
 from ._triton import tl, triton
 from ._utils import (
@@ -59,14 +64,22 @@ from ._utils import (
     check_tensor,
     choose_backend,
     compute_dtype,
+    device_guard,
+    fp32_matmul_allows_tf32,
     interpreting,
     next_power_of_2,
 )
 
+__all__ = ["MoCoQueue", "info_nce_batch", "info_nce_batch_ref", "info_nce_queue",
+           "info_nce_queue_ref", "nt_xent", "nt_xent_ref"]
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-CHUNK_ELEMS = 1 << 20  # logits per step of the portable sweeps: N=256 x 4096 keys, 4 MB fp32
 TRITON_MAX_C = 512  # wider rows overflow the kernels' register tiles: portable path
+# Constexprs that exist only for the interpreter, with the value a GPU launch uses (read by
+# tests/kernels/launch_recorder.py): the interpreter computes bf16 tl.dot wrongly (garbage,
+# checked with triton 3.6 and 3.9; fp16 is right), so there bf16 operands are upcast to fp32.
+INTERPRETER_CONSTEXPRS = {"UPCAST": False}
 
 
 # ----------------------------------------------------------------------------- references
@@ -114,37 +127,51 @@ def _check_rows(name: str, t, width: int | None = None) -> None:
                          f"{tuple(t.shape)}")
 
 
-def _validate_queue(q, k, queue, temperature) -> float:
+def _check_t(temperature, device: torch.device):
+    """A float, or a 0-d tensor on the inputs' device (or the CPU) that is never read on the
+    host. No gradient flows to it: the fused backward does not differentiate by T."""
+    t = check_temperature("temperature", temperature, allow_tensor=True)
+    if isinstance(t, torch.Tensor):
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError("temperature must not require grad: the fused InfoNCE does not "
+                             "differentiate with respect to it (detach it, or use the *_ref)")
+        if t.device.type != "cpu" and t.device != device:
+            raise ValueError(f"temperature must be on the inputs' device {device} (or the "
+                             f"CPU), got {t.device}")
+    return t
+
+
+def _validate_queue(q, k, queue, temperature):
     _check_rows("q", q)
     _check_rows("k", k, q.shape[1])
     _check_rows("queue", queue, q.shape[1])  # K >= 1
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k must have N={q.shape[0]} rows like q, got shape {tuple(k.shape)}")
-    check_same_device(q=q, k=k, queue=queue)
-    return check_temperature("temperature", temperature)
+    device = check_same_device(q=q, k=k, queue=queue)
+    return _check_t(temperature, device)
 
 
-def _validate_batch(q, k, temperature, positive_offset) -> float:
+def _validate_batch(q, k, temperature, positive_offset):
     _check_rows("q", q)
     _check_rows("k", k, q.shape[1])
-    check_same_device(q=q, k=k)
+    device = check_same_device(q=q, k=k)
     if isinstance(positive_offset, bool) or not isinstance(positive_offset, int):
         raise ValueError(f"positive_offset must be an int, got {positive_offset!r}")
     if positive_offset < 0 or positive_offset + q.shape[0] > k.shape[0]:
         raise ValueError(f"positive_offset must satisfy 0 <= positive_offset and "
                          f"positive_offset + N <= M, got positive_offset={positive_offset}, "
                          f"N={q.shape[0]}, M={k.shape[0]}")
-    return check_temperature("temperature", temperature)
+    return _check_t(temperature, device)
 
 
-def _validate_nt_xent(z1, z2, temperature) -> float:
+def _validate_nt_xent(z1, z2, temperature):
     _check_rows("z1", z1)
     _check_rows("z2", z2, z1.shape[1])
     if z2.shape[0] != z1.shape[0]:
         raise ValueError(f"z2 must have the shape of z1 {tuple(z1.shape)}, got "
                          f"{tuple(z2.shape)}")
-    check_same_device(z1=z1, z2=z2)
-    return check_temperature("temperature", temperature)
+    device = check_same_device(z1=z1, z2=z2)
+    return _check_t(temperature, device)
 
 
 def _promote(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -153,69 +180,89 @@ def _promote(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dt) for t in ts)
 
 
+def _normalize(t: torch.Tensor) -> torch.Tensor:
+    """F.normalize in `t`'s dtype: CUDA autocast computes the norm in fp32, and the fp32
+    result would send a bf16 run to the fp32 (tf32x3) kernels."""
+    return F.normalize(t, dim=1).to(t.dtype)
+
+
 # ----------------------------------------------------------------------------- tiles
 def _dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision per input dtype.
+    """tl.dot input precision for operands of `dtype`, decided per call (never at import).
 
-    fp16/bf16 values are exact in tf32 (10-bit mantissa), so "tf32" loses nothing in the
-    logits GEMM; the probabilities of the second GEMM round to 2^-11 there. fp32 inputs use
-    "tf32x3" (three tf32 MMAs, about fp32 accuracy; plain tf32 would put ~1e-4 errors on
-    cosines, x25 at T=0.04), or "tf32" when the user enabled TF32 for torch matmuls. fp64
-    (interpreter only) is "ieee".
+    fp16/bf16 operands go to the MMAs as they are ("ieee": the option only changes fp32
+    operands). fp32 inputs use "tf32x3" (three tf32 MMAs, about fp32 accuracy; plain tf32
+    would put ~1e-4 errors on cosines, x25 at T=0.04), or "tf32" while the user allows TF32
+    for fp32 matmuls (torch's fp32_precision API, read now). fp64 (interpreter only): "ieee".
     """
-    if dtype in (torch.float16, torch.bfloat16):
-        return "tf32"
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+        return "tf32" if fp32_matmul_allows_tf32() else "tf32x3"
     return "ieee"
 
 
-def _tiles(kernel: str, block_c: int, prec: str) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps): the largest fp32 register tiles that compile without
-    spills for sm_80 / sm_90 (measured with `python -m selfsup.kernels.report`)."""
-    if kernel == "merge":  # no dot: 16-row tiles, many programs
-        return 16, 0, 4
-    if prec == "tf32x3":  # split operands triple the dot's registers
-        return (16, 32, 4) if block_c <= 128 else (16, 16, 4)
-    if kernel == "dk":
-        return (32, 64, 8) if block_c <= 128 else (16, 32, 8)
-    if block_c <= 64:
-        return 64, 64, 4
-    if block_c <= 128:
-        return 64, 64, 8
-    return (32, 64, 8) if block_c <= 256 else (16, 32, 8)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel, operand kind and BLOCK_C (up to):
+# the largest tiles with zero spills and >= 2 CTAs per SM on sm_80 and sm_90 where one exists
+# (triton 3.6 and 3.9; `python -m selfsup.kernels.report`, docs/kernels-infonce.md). "half":
+# native fp16/bf16 operands; "tf32x3": split fp32 operands triple the dot's registers.
+_TILES = {
+    ("fwd", "half"): {128: (64, 64, 8, 3), 256: (32, 64, 8, 2), 512: (16, 32, 8, 2)},
+    # NT-Xent's self mask costs registers: 64x64 drops to 1 CTA/SM on sm_80 (3.6: 158 regs)
+    ("fwd_self", "half"): {128: (64, 32, 8, 2), 256: (32, 64, 8, 2), 512: (16, 32, 8, 2)},
+    ("fwd", "tf32"): {128: (32, 32, 4, 2), 256: (32, 64, 8, 2), 512: (16, 32, 8, 2)},
+    # C=256 spills 24-56 bytes at every tile tried (16x16 to 32x64, 2-8 warps): fp32 MoCo v3
+    # is rare on GPUs (bf16 is the recipe), so it stays registered and reported as it is
+    ("fwd", "tf32x3"): {128: (16, 32, 4, 2), 512: (16, 16, 8, 2)},
+    ("dk", "half"): {128: (32, 64, 8, 2), 512: (32, 32, 8, 2)},
+    ("dk", "tf32"): {128: (32, 32, 4, 2), 512: (16, 32, 4, 2)},
+    ("dk", "tf32x3"): {128: (16, 32, 4, 2), 512: (16, 16, 4, 2)},
+    ("merge", "any"): {512: (8, 0, 4, 2)},  # no dot: small row tiles, many programs
+}
+
+
+def _operand_kind(prec: str, dtype: torch.dtype) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "half"
+    return "tf32x3" if prec == "tf32x3" else "tf32"  # fp64 (interpreter): fp32's tiles
+
+
+def _tiles(kernel: str, kind: str, block_c: int, self_mask: bool = False):
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) from `_TILES`."""
+    key = (kernel, "any" if kernel == "merge" else kind)
+    if kernel == "fwd" and self_mask and ("fwd_self", kind) in _TILES:
+        key = ("fwd_self", kind)
+    table = _TILES[key]
+    return table[min(c for c in table if c >= block_c)]
 
 
 _DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _cfg(kernel: str, label: str, dt: str, block_c: int, *, default: bool = False,
-         prec: str | None = None, **flags) -> KernelConfig:
-    """A production configuration, exactly as `_kernel_params` picks it for dtype `dt`
-    (`prec` overrides the input precision, e.g. fp32 under allow_tf32)."""
-    prec = prec or _dot_precision(_DT[dt])
-    bn, bk, warps = _tiles(kernel, block_c, prec)
+def _cfg(kernel: str, label: str, dt: str, block_c: int, prec: str, *,
+         default: bool = False, **flags) -> KernelConfig:
+    """A production configuration exactly as `_kernel_params` picks it for dtype `dt` and
+    input precision `prec` (named here, never read from torch's settings at import)."""
+    bn, bk, warps, stages = _tiles(kernel, _operand_kind(prec, _DT[dt]), block_c,
+                                   flags.get("SELF_MASK", False))
     const = dict(BLOCK_N=bn, BLOCK_C=block_c, CDT=tl.float32, **flags)
     if kernel != "merge":
-        const.update(BLOCK_K=bk, DOT_PREC=prec)
-    return KernelConfig(label, const, types={"dt": dt}, num_warps=warps, num_stages=2,
+        const.update(BLOCK_K=bk, DOT_PREC=prec, UPCAST=False)
+    return KernelConfig(label, const, types={"dt": dt}, num_warps=warps, num_stages=stages,
                         default=default)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
 @triton.jit
 def _info_nce_fwd_kernel(
-    # pointers: rows (N, C), keys (M, C); per-split partials (S, N), (S, N), (S, N, C)
-    q_ptr, key_ptr, m_ptr, l_ptr, acc_ptr,
+    # pointers: rows (N, C), keys (M, C), temperature (1,); per-split partials (S, N) x 2,
+    # (S, N, C)
+    q_ptr, key_ptr, t_ptr, m_ptr, l_ptr, acc_ptr,
     # row strides (the column stride is 1)
     stride_qn, stride_kn,
     # shapes; each program on axis 1 sweeps `tiles_per_split` key tiles of BLOCK_K
     N, M, C, tiles_per_split,
-    # log2(e) / T: logits are kept in base 2, so exp2 is a single MUFU op
-    scale,
     SELF_MASK: tl.constexpr, COMPUTE_DQ: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PREC: tl.constexpr, CDT: tl.constexpr,
+    DOT_PREC: tl.constexpr, CDT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Online logsumexp over one split of the keys for BLOCK_N rows (s in log2 units):
     #   m = max_j s_j,   l = sum_j 2^(s_j - m),   acc = sum_j 2^(s_j - m) key_j
@@ -225,8 +272,13 @@ def _info_nce_fwd_kernel(
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < N
     col_ok = cols < C  # BLOCK_C is C padded to a power of two >= 16
+    # log2(e) / T: logits are kept in base 2, so exp2 is a single MUFU op
+    scale = 1.4426950408889634 / tl.load(t_ptr).to(CDT)
+    # operands stay in the input dtype: bf16/fp16 MMAs at full rate, half the registers
     q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(CDT)  # upcast on load
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if UPCAST:  # interpreter only (INTERPRETER_CONSTEXPRS)
+        q = q.to(CDT)
     # finite start: a split whose keys are all masked keeps l = 0 and never makes a NaN
     m_i = tl.full([BLOCK_N], -1.0e30, CDT)
     l_i = tl.zeros([BLOCK_N], CDT)
@@ -237,7 +289,9 @@ def _info_nce_fwd_kernel(
         keys = t * BLOCK_K + tl.arange(0, BLOCK_K)
         key_ok = keys < M
         kt = tl.load(key_ptr + keys.to(tl.int64)[:, None] * stride_kn + cols[None, :],
-                     mask=key_ok[:, None] & col_ok[None, :], other=0.0).to(CDT)  # (BK, BC)
+                     mask=key_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BC)
+        if UPCAST:
+            kt = kt.to(CDT)
         s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale  # (BN, BK), fp32 acc
         ok = key_ok[None, :]
         if SELF_MASK:  # NT-Xent: a row is never its own negative
@@ -248,7 +302,9 @@ def _info_nce_fwd_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if COMPUTE_DQ:  # the "P @ V" GEMM of a flash-attention forward, V = keys
-            acc = acc * alpha[:, None] + tl.dot(p, kt, input_precision=DOT_PREC)
+            # acc in the dot: the MMA accumulates into it (3.6 needs out_dtype spelled out)
+            acc = tl.dot(p.to(kt.dtype), kt, acc * alpha[:, None], input_precision=DOT_PREC,
+                         out_dtype=CDT)
         m_i = m_new
     part = pid_s.to(tl.int64) * N + rows
     tl.store(m_ptr + part, m_i, mask=row_ok)
@@ -258,37 +314,50 @@ def _info_nce_fwd_kernel(
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
+def _fwd(label, dt, c, prec, self_mask, **kw):
+    return _cfg("fwd", label, dt, c, prec, SELF_MASK=self_mask, COMPUTE_DQ=True, **kw)
+
+
+# Signatures: C and the row strides are "i32:16" because every production width (128, 256,
+# 512, contiguous rows) is a multiple of 16, and Triton's JIT specializes an int argument on
+# that at launch: the column masks then cost nothing and the loads vectorize (the fwd tile
+# below drops from 255 to 128 registers). Other widths compile another specialization.
+# What the methods launch (tests/kernels/test_launches.py records it): MoCo's queue at C=128
+# (bf16 / fp16 / fp32 training, fp32 also under allowed TF32), MoCo v3's in-batch at C=256,
+# SimCLR's NT-Xent at C=128; C=512 (a wider --proj-dim) in bf16.
 register_kernel(
     _info_nce_fwd_kernel,
     signature={
-        "q_ptr": "*{dt}", "key_ptr": "*{dt}", "m_ptr": "*fp32", "l_ptr": "*fp32",
-        "acc_ptr": "*fp32", "stride_qn": "i32", "stride_kn": "i32", "N": "i32", "M": "i32",
-        "C": "i32", "tiles_per_split": "i32", "scale": "fp32", "SELF_MASK": "constexpr",
-        "COMPUTE_DQ": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-        "BLOCK_C": "constexpr", "DOT_PREC": "constexpr", "CDT": "constexpr",
+        "q_ptr": "*{dt}", "key_ptr": "*{dt}", "t_ptr": "*fp32", "m_ptr": "*fp32",
+        "l_ptr": "*fp32", "acc_ptr": "*fp32", "stride_qn": "i32:16", "stride_kn": "i32:16",
+        "N": "i32", "M": "i32", "C": "i32:16", "tiles_per_split": "i32",
+        "SELF_MASK": "constexpr", "COMPUTE_DQ": "constexpr", "BLOCK_N": "constexpr",
+        "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "DOT_PREC": "constexpr",
+        "CDT": "constexpr", "UPCAST": "constexpr",
     },
     configs=[
-        _cfg("fwd", "bf16 C128 queue", "bf16", 128, default=True, SELF_MASK=False,
-             COMPUTE_DQ=True),
-        _cfg("fwd", "fp16 C128 queue", "fp16", 128, SELF_MASK=False, COMPUTE_DQ=True),
-        _cfg("fwd", "fp32 C128 nt-xent", "fp32", 128, SELF_MASK=True, COMPUTE_DQ=True),
-        _cfg("fwd", "fp32 C128 allow_tf32 queue", "fp32", 128, prec="tf32", SELF_MASK=False,
-             COMPUTE_DQ=True),
-        _cfg("fwd", "bf16 C256 in-batch", "bf16", 256, SELF_MASK=False, COMPUTE_DQ=True),
+        _fwd("bf16 C128 queue", "bf16", 128, "ieee", False, default=True),
+        _fwd("fp16 C128 queue", "fp16", 128, "ieee", False),
+        _fwd("fp32 C128 queue", "fp32", 128, "tf32x3", False),
+        _fwd("fp32 C128 allow_tf32 queue", "fp32", 128, "tf32", False),
+        _fwd("bf16 C256 in-batch", "bf16", 256, "ieee", False),
+        _fwd("fp32 C256 in-batch", "fp32", 256, "tf32x3", False),
+        _fwd("bf16 C512 in-batch", "bf16", 512, "ieee", False),
+        _fwd("bf16 C128 nt-xent", "bf16", 128, "ieee", True),
+        _fwd("fp32 C128 nt-xent", "fp32", 128, "tf32x3", True),
     ],
 )
 
 
 @triton.jit
 def _info_nce_merge_kernel(
-    # pointers: rows (N, C), positive keys; split partials; outputs (N,), (N,), (N, C), (N,)
-    q_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, loss_ptr, lse_ptr, dq_ptr, coef_ptr,
+    # pointers: rows (N, C), positive keys, temperature (1,); split partials;
+    # outputs (N,), (N,), (N, C), (N,)
+    q_ptr, pos_ptr, t_ptr, m_ptr, l_ptr, acc_ptr, loss_ptr, lse_ptr, dq_ptr, coef_ptr,
     # row strides (the column stride is 1)
     stride_qn, stride_pn,
     # shapes; the positive of row i is pos row (i + pos_offset) % pos_mod
     N, C, num_splits, pos_offset, pos_mod,
-    # log2(e) / T and 1 / T
-    scale, inv_t,
     EXTRA_POS: tl.constexpr, COMPUTE_DQ: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, CDT: tl.constexpr,
 ):
@@ -300,6 +369,8 @@ def _info_nce_merge_kernel(
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < N
     mask2 = row_ok[:, None] & (cols < C)[None, :]
+    inv_t = 1.0 / tl.load(t_ptr).to(CDT)
+    scale = 1.4426950408889634 * inv_t  # log2(e) / T
     q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn + cols[None, :],
                 mask=mask2, other=0.0).to(CDT)
     prow = ((rows + pos_offset) % pos_mod).to(tl.int64)
@@ -337,81 +408,103 @@ def _info_nce_merge_kernel(
         tl.store(coef_ptr + rows, (tl.exp2(s_pos - lse) - 1.0) * inv_t, mask=row_ok)
 
 
+def _merge(label, dt, c, extra_pos, **kw):
+    return _cfg("merge", label, dt, c, "ieee", EXTRA_POS=extra_pos, COMPUTE_DQ=True, **kw)
+
+
 register_kernel(
     _info_nce_merge_kernel,
     signature={
-        "q_ptr": "*{dt}", "pos_ptr": "*{dt}", "m_ptr": "*fp32", "l_ptr": "*fp32",
-        "acc_ptr": "*fp32", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "dq_ptr": "*fp32",
-        "coef_ptr": "*fp32", "stride_qn": "i32", "stride_pn": "i32", "N": "i32", "C": "i32",
-        "num_splits": "i32", "pos_offset": "i32", "pos_mod": "i32", "scale": "fp32",
-        "inv_t": "fp32", "EXTRA_POS": "constexpr", "COMPUTE_DQ": "constexpr",
-        "BLOCK_N": "constexpr", "BLOCK_C": "constexpr", "CDT": "constexpr",
+        "q_ptr": "*{dt}", "pos_ptr": "*{dt}", "t_ptr": "*fp32", "m_ptr": "*fp32",
+        "l_ptr": "*fp32", "acc_ptr": "*fp32", "loss_ptr": "*fp32", "lse_ptr": "*fp32",
+        "dq_ptr": "*fp32", "coef_ptr": "*fp32", "stride_qn": "i32:16", "stride_pn": "i32:16",
+        "N": "i32", "C": "i32:16", "num_splits": "i32", "pos_offset": "i32", "pos_mod": "i32",
+        "EXTRA_POS": "constexpr", "COMPUTE_DQ": "constexpr", "BLOCK_N": "constexpr",
+        "BLOCK_C": "constexpr", "CDT": "constexpr",
     },
     configs=[
-        _cfg("merge", "bf16 C128 queue", "bf16", 128, default=True, EXTRA_POS=True,
-             COMPUTE_DQ=True),
-        _cfg("merge", "fp32 C128 in-batch", "fp32", 128, EXTRA_POS=False, COMPUTE_DQ=True),
+        _merge("bf16 C128 queue", "bf16", 128, True, default=True),
+        _merge("fp16 C128 queue", "fp16", 128, True),
+        _merge("fp32 C128 queue", "fp32", 128, True),
+        _merge("bf16 C128 in-batch", "bf16", 128, False),
+        _merge("fp32 C128 in-batch", "fp32", 128, False),
+        _merge("bf16 C256 in-batch", "bf16", 256, False),
+        _merge("fp32 C256 in-batch", "fp32", 256, False),
+        _merge("bf16 C512 in-batch", "bf16", 512, False),
     ],
 )
 
 
 @triton.jit
 def _info_nce_dk_kernel(
-    # pointers: rows (N, C), keys (M, C), per-row lse (N,) in log2 units, output (M, C)
-    q_ptr, key_ptr, lse_ptr, dk_ptr,
+    # pointers: rows (N, C), keys (M, C), per-row lse (N,) in log2 units, temperature (1,),
+    # per-split partial key gradients (S, M, C)
+    q_ptr, key_ptr, lse_ptr, t_ptr, dk_ptr,
     # row strides (the column stride is 1)
     stride_qn, stride_kn,
-    # shapes; key j is the positive of row (j + key_offset) % key_mod when that is < N
-    N, M, C, key_offset, key_mod,
-    # log2(e) / T and 1 / T
-    scale, inv_t,
+    # shapes; key j is the positive of row (j + key_offset) % key_mod when that is < N;
+    # split s (grid axis 1) covers rows [s, s + 1) * rows_per_split
+    N, M, C, key_offset, key_mod, rows_per_split,
     SELF_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PREC: tl.constexpr, CDT: tl.constexpr,
+    DOT_PREC: tl.constexpr, CDT: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # One key block against every row, recomputing the logits:
+    # One key block against one split of the rows, recomputing the logits:
     #   dk_j = (sum_i p_ij q_i - q_{row whose positive is j}) / T,  p_ij = 2^(s_ij - lse_i)
-    # Each program owns its keys' rows of dk, so there are no atomics.
+    # Each program owns its (split, keys) block of the partials, so there are no atomics;
+    # the positive's term goes to the split that owns that row.
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     keys = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     cols = tl.arange(0, BLOCK_C)
     key_ok = keys < M
     col_ok = cols < C
+    inv_t = 1.0 / tl.load(t_ptr).to(CDT)
+    scale = 1.4426950408889634 * inv_t
     kt = tl.load(key_ptr + keys.to(tl.int64)[:, None] * stride_kn + cols[None, :],
-                 mask=key_ok[:, None] & col_ok[None, :], other=0.0).to(CDT)  # (BK, BC)
+                 mask=key_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BC)
+    if UPCAST:
+        kt = kt.to(CDT)
     acc = tl.zeros([BLOCK_K, BLOCK_C], CDT)
-    for r0 in range(0, N, BLOCK_N):
+    r_lo = pid_s * rows_per_split
+    r_hi = tl.minimum(r_lo + rows_per_split, N)
+    for r0 in range(r_lo, r_hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+        row_ok = rows < r_hi
         q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(CDT)  # (BN, BC)
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # (BN, BC)
+        if UPCAST:
+            q = q.to(CDT)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale  # (BN, BK)
         ok = row_ok[:, None] & key_ok[None, :]
         if SELF_MASK:
             ok = ok & (rows[:, None] != keys[None, :])
         p = tl.exp2(tl.where(ok, s - lse[:, None], float("-inf")))  # masked: exactly 0
-        acc += tl.dot(tl.trans(p), q, input_precision=DOT_PREC)  # (BK, BC)
+        acc = tl.dot(tl.trans(p.to(q.dtype)), q, acc, input_precision=DOT_PREC,
+                     out_dtype=CDT)  # (BK, BC)
     prow = (keys + key_offset) % key_mod
-    pos_ok = key_ok & (prow < N)
+    pos_ok = key_ok & (prow >= r_lo) & (prow < r_hi)
     qp = tl.load(q_ptr + prow.to(tl.int64)[:, None] * stride_qn + cols[None, :],
                  mask=pos_ok[:, None] & col_ok[None, :], other=0.0).to(CDT)
-    tl.store(dk_ptr + keys.to(tl.int64)[:, None] * C + cols[None, :], (acc - qp) * inv_t,
-             mask=key_ok[:, None] & col_ok[None, :])
+    out = (pid_s.to(tl.int64) * M + keys)[:, None] * C + cols[None, :]
+    tl.store(dk_ptr + out, (acc - qp) * inv_t, mask=key_ok[:, None] & col_ok[None, :])
 
 
 register_kernel(
     _info_nce_dk_kernel,
     signature={
-        "q_ptr": "*{dt}", "key_ptr": "*{dt}", "lse_ptr": "*fp32", "dk_ptr": "*fp32",
-        "stride_qn": "i32", "stride_kn": "i32", "N": "i32", "M": "i32", "C": "i32",
-        "key_offset": "i32", "key_mod": "i32", "scale": "fp32", "inv_t": "fp32",
+        "q_ptr": "*{dt}", "key_ptr": "*{dt}", "lse_ptr": "*fp32", "t_ptr": "*fp32",
+        "dk_ptr": "*fp32", "stride_qn": "i32:16", "stride_kn": "i32:16", "N": "i32",
+        "M": "i32", "C": "i32:16", "key_offset": "i32", "key_mod": "i32", "rows_per_split": "i32",
         "SELF_MASK": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
         "BLOCK_C": "constexpr", "DOT_PREC": "constexpr", "CDT": "constexpr",
+        "UPCAST": "constexpr",
     },
     configs=[
-        _cfg("dk", "bf16 C128 nt-xent", "bf16", 128, default=True, SELF_MASK=True),
-        _cfg("dk", "fp32 C128 in-batch", "fp32", 128, SELF_MASK=False),
+        _cfg("dk", "bf16 C128 nt-xent", "bf16", 128, "ieee", default=True, SELF_MASK=True),
+        _cfg("dk", "fp32 C128 nt-xent", "fp32", 128, "tf32x3", SELF_MASK=True),
+        _cfg("dk", "bf16 C256 in-batch", "bf16", 256, "ieee", SELF_MASK=False),
     ],
 )
 
@@ -427,29 +520,51 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _splits(row_blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
-    """(number of key splits, tiles per split): about one wave of programs on the GPU, so a
-    small N still fills it (MoCo's N=256: 4 row blocks x 33 splits); three under the
-    interpreter, which keeps the merge exercised. The price is S x N x C fp32 of dq partials
-    (4.2 MB at N=256, C=128 on 132 SMs), over ROOFLINE's 1 MB goal; fewer splits trade it
-    for idle SMs."""
+def _waves(device: torch.device) -> int:
+    """Programs for about one wave on the GPU; three under the interpreter (the split merges
+    stay exercised)."""
     if device.type == "cuda" and not interpreting():
-        want = cdiv(_sm_count(device.index or 0), row_blocks)
-    else:
-        want = 3
+        return _sm_count(device.index if device.index is not None
+                         else torch.cuda.current_device())
+    return 3
+
+
+def _splits(blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
+    """(number of splits, tiles per split) of an `n_tiles` loop so that `blocks` x splits
+    programs fill one wave (MoCo's N=256: 4 row blocks x 33 key splits on 132 SMs). The price
+    is the splits' fp32 partials (fwd: S x N x C, 4.2 MB at N=256, C=128 on 132 SMs)."""
+    want = cdiv(_waves(device), blocks)
     per = cdiv(n_tiles, max(1, min(n_tiles, want)))
     return cdiv(n_tiles, per), per
 
 
-def _kernel_params(kernel: str, C: int, dtype: torch.dtype) -> dict:
-    """Constexprs and launch options for one kernel, as registered by `_cfg`."""
+@functools.lru_cache(maxsize=32)
+def _temperature_buffer(value: float, device: torch.device, dtype: torch.dtype):
+    """A float temperature as the (1,) tensor the kernels read; cached, so a fixed T costs no
+    launch per step (read-only: nothing writes it)."""
+    return torch.full((1,), value, device=device, dtype=dtype)
+
+
+def _temperature_arg(temperature, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(temperature, torch.Tensor):
+        if temperature.device.type == "cpu" and device.type != "cpu":
+            temperature = temperature.item()  # host memory: no device sync
+        else:  # same device: a cast kernel at most, never a host read
+            return temperature.detach().to(dtype).reshape(1)
+    return _temperature_buffer(float(temperature), device, dtype)
+
+
+def _kernel_params(kernel: str, C: int, dtype: torch.dtype, self_mask: bool = False) -> dict:
+    """Constexprs and launch options for one kernel, as registered by `_cfg`; the precision
+    is read from torch's current setting, per call."""
     block_c = max(16, next_power_of_2(C))
     prec = _dot_precision(dtype)
-    bn, bk, warps = _tiles(kernel, block_c, prec)
+    bn, bk, warps, stages = _tiles(kernel, _operand_kind(prec, dtype), block_c, self_mask)
     cdt = tl.float64 if dtype == torch.float64 else tl.float32
-    out = dict(BLOCK_N=bn, BLOCK_C=block_c, CDT=cdt, num_warps=warps, num_stages=2)
+    out = dict(BLOCK_N=bn, BLOCK_C=block_c, CDT=cdt, num_warps=warps, num_stages=stages)
     if kernel != "merge":
-        out.update(BLOCK_K=bk, DOT_PREC=prec)
+        out.update(BLOCK_K=bk, DOT_PREC=prec,
+                   UPCAST=interpreting() and dtype == torch.bfloat16)
     return out
 
 
@@ -462,119 +577,49 @@ def info_nce_fwd(q, keys, pos, temperature, *, self_mask, extra_pos, pos_offset,
     """
     q, keys, pos = _row_major(q), _row_major(keys), _row_major(pos)
     (n, c), m = q.shape, keys.shape[0]
-    kp, mp = _kernel_params("fwd", c, q.dtype), _kernel_params("merge", c, q.dtype)
+    kp, mp = _kernel_params("fwd", c, q.dtype, self_mask), _kernel_params("merge", c, q.dtype)
     acc_dt = compute_dtype(q.dtype)
+    t = _temperature_arg(temperature, q.device, acc_dt)
     row_blocks, n_tiles = cdiv(n, kp["BLOCK_N"]), cdiv(m, kp["BLOCK_K"])
     n_splits, per = _splits(row_blocks, n_tiles, q.device)
     m_part = torch.empty(n_splits, n, device=q.device, dtype=acc_dt)
     l_part = torch.empty_like(m_part)
     acc_part = (torch.empty(n_splits, n, c, device=q.device, dtype=acc_dt) if compute_dq
                 else m_part)
-    scale, inv_t = LOG2E / temperature, 1.0 / temperature
-    _info_nce_fwd_kernel[(row_blocks, n_splits)](
-        q, keys, m_part, l_part, acc_part, q.stride(0), keys.stride(0), n, m, c, per, scale,
-        SELF_MASK=self_mask, COMPUTE_DQ=compute_dq, **kp)
     loss = torch.empty(n, device=q.device, dtype=acc_dt)
     lse = torch.empty_like(loss)
     dq = torch.empty(n, c, device=q.device, dtype=acc_dt) if compute_dq else loss
     coef = torch.empty_like(loss) if extra_pos else loss
-    _info_nce_merge_kernel[(cdiv(n, mp["BLOCK_N"]),)](
-        q, pos, m_part, l_part, acc_part, loss, lse, dq, coef, q.stride(0), pos.stride(0),
-        n, c, n_splits, pos_offset, pos_mod, scale, inv_t,
-        EXTRA_POS=extra_pos, COMPUTE_DQ=compute_dq, **mp)
+    with device_guard(q):
+        _info_nce_fwd_kernel[(row_blocks, n_splits)](
+            q, keys, t, m_part, l_part, acc_part, q.stride(0), keys.stride(0), n, m, c, per,
+            SELF_MASK=self_mask, COMPUTE_DQ=compute_dq, **kp)
+        _info_nce_merge_kernel[(cdiv(n, mp["BLOCK_N"]),)](
+            q, pos, t, m_part, l_part, acc_part, loss, lse, dq, coef, q.stride(0),
+            pos.stride(0), n, c, n_splits, pos_offset, pos_mod,
+            EXTRA_POS=extra_pos, COMPUTE_DQ=compute_dq, **mp)
     return (loss.mul_(LN2), lse, dq if compute_dq else None, coef if extra_pos else None)
 
 
 def info_nce_dk(q, keys, lse2, temperature, *, self_mask, key_offset, key_mod):
     """Launch the key-gradient sweep: d sum_i loss_i / d keys, (M, C) in the accumulation
-    dtype. Key j is the positive of row (j + key_offset) % key_mod when that is < N."""
+    dtype. Key j is the positive of row (j + key_offset) % key_mod when that is < N.
+
+    The rows are split so that key blocks x splits fill the SMs (MoCo v3's M=4096 is only 64
+    key blocks of 64 for 132 SMs); the partials are summed in split order (deterministic)."""
     q, keys = _row_major(q), _row_major(keys)
     (n, c), m = q.shape, keys.shape[0]
     kp = _kernel_params("dk", c, q.dtype)
-    dk = torch.empty(m, c, device=q.device, dtype=compute_dtype(q.dtype))
-    _info_nce_dk_kernel[(cdiv(m, kp["BLOCK_K"]),)](
-        q, keys, lse2, dk, q.stride(0), keys.stride(0), n, m, c, key_offset, key_mod,
-        LOG2E / temperature, 1.0 / temperature, SELF_MASK=self_mask, **kp)
-    return dk
-
-
-# ----------------------------------------------------------------------------- portable path
-def _chunk_elems(device: torch.device) -> int:
-    """Logits per chunk. Every large op is a fork/join of the intra-op thread team, and on a
-    shared 2-core machine each join can wait a whole time slice (ROOFLINE: chunked MoCo went
-    303 -> 1,494 ms at 2 threads), so with more than one thread (or on a GPU, per launch) the
-    chunks are 4x larger: 16 MB of fp32 logits instead of 4 MB, a quarter of the ops."""
-    if device.type == "cpu" and torch.get_num_threads() == 1:
-        return CHUNK_ELEMS
-    return 4 * CHUNK_ELEMS
-
-
-def _queue_sweep_torch(q, k, queue, temperature, *, compute_dq):
-    """MoCo queue loss in key chunks with an online max; never materializes N x K.
-
-    Returns (loss_rows, dq | None, coef) like `info_nce_fwd`. Per chunk: one GEMM for the
-    logits, in-place exp, one GEMM into the running sum p.key (few ops: 2-thread CPUs
-    collapse under many small ones).
-    """
     acc_dt = compute_dtype(q.dtype)
-    qs = q.to(acc_dt) * (1.0 / temperature)  # (N, C), scaled once
-    kp = k.to(acc_dt)
-    pos = (qs * kp).sum(1)  # (N,) positive logits
-    m, l = pos.clone(), torch.ones_like(pos)  # the positive starts the running sums  # noqa: E741
-    acc = kp.clone() if compute_dq else None  # sum_j exp(s_j - m) key_j, positive included
-    step = max(1, min(len(queue), _chunk_elems(q.device) // len(q)))
-    buf = torch.empty(len(q), step, device=q.device, dtype=acc_dt)
-    for start in range(0, len(queue), step):
-        chunk = queue[start:start + step].to(acc_dt)  # (Kc, C), a view when fp32
-        s = torch.mm(qs, chunk.T, out=buf[:, :len(chunk)])  # (N, Kc)
-        m_new = torch.maximum(m, s.amax(1))
-        s.sub_(m_new[:, None]).exp_()
-        alpha = (m - m_new).exp_()
-        l.mul_(alpha).add_(s.sum(1))
-        if compute_dq:
-            acc.mul_(alpha[:, None]).addmm_(s, chunk)
-        m = m_new
-    lse = m + l.log()
-    dq = (acc / l[:, None] - kp).mul_(1.0 / temperature) if compute_dq else None
-    coef = (pos - lse).exp_().sub_(1.0).mul_(1.0 / temperature)
-    return lse - pos, dq, coef
-
-
-def _rows_sweep_torch(q, keys, temperature, pos_idx, *, self_mask, compute_dq, compute_dk):
-    """In-batch / NT-Xent loss in row chunks across the full key width.
-
-    Each chunk's log_softmax is exact, and its probabilities feed both gradients at once:
-    dq = (p @ keys - keys[pos]) / T and dk += p^T @ q_chunk (then minus q at the positives).
-    Returns (loss_rows, dq | None, dk | None).
-    """
-    acc_dt = compute_dtype(q.dtype)
-    qc, kc = q.to(acc_dt), keys.to(acc_dt)
-    qs = qc * (1.0 / temperature)
-    (n, c), m = q.shape, keys.shape[0]
-    rows = max(1, min(n, _chunk_elems(q.device) // m))
-    loss = torch.empty(n, device=q.device, dtype=acc_dt)
-    dq = torch.empty(n, c, device=q.device, dtype=acc_dt) if compute_dq else None
-    dk = torch.zeros(m, c, device=q.device, dtype=acc_dt) if compute_dk else None
-    s_buf = torch.empty(rows, m, device=q.device, dtype=acc_dt)
-    lp_buf = torch.empty_like(s_buf)
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        s = torch.mm(qs[r0:r1], kc.T, out=s_buf[:r1 - r0])  # (R, M)
-        if self_mask:
-            s.diagonal(r0).fill_(float("-inf"))  # entries (i, r0 + i): the row itself
-        lp = torch.log_softmax(s, 1, out=lp_buf[:r1 - r0])
-        loss[r0:r1] = lp.gather(1, pos_idx[r0:r1, None])[:, 0].neg_()
-        if compute_dq or compute_dk:
-            p = lp.exp_()
-            if compute_dq:
-                torch.mm(p, kc, out=dq[r0:r1])
-            if compute_dk:
-                dk.addmm_(p.T, qc[r0:r1])
-    if compute_dq:
-        dq.sub_(kc[pos_idx]).mul_(1.0 / temperature)
-    if compute_dk:
-        dk.index_add_(0, pos_idx, qc, alpha=-1.0).mul_(1.0 / temperature)
-    return loss, dq, dk
+    t = _temperature_arg(temperature, q.device, acc_dt)
+    key_blocks = cdiv(m, kp["BLOCK_K"])
+    n_splits, per = _splits(key_blocks, cdiv(n, kp["BLOCK_N"]), q.device)
+    part = torch.empty(n_splits, m, c, device=q.device, dtype=acc_dt)
+    with device_guard(q):
+        _info_nce_dk_kernel[(key_blocks, n_splits)](
+            q, keys, lse2, t, part, q.stride(0), keys.stride(0), n, m, c, key_offset, key_mod,
+            per * kp["BLOCK_N"], SELF_MASK=self_mask, **kp)
+    return part[0] if n_splits == 1 else part.sum(0)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -585,8 +630,9 @@ class InfoNCEFunction(torch.autograd.Function):
     mode "batch": pos = None, the positive of row i is keys[i + offset].
     mode "nt_xent": q and keys are the same z; self excluded; positive (i + offset) mod 2N,
     offset = N. Autograd sums the query and key gradients of z.
-    The query gradient (and the portable path's key gradient) is computed in forward; the
-    upstream gradient of the scalar loss only scales it in backward.
+    The query gradient (and the portable path's key gradient) is computed in forward, in the
+    accumulation dtype; backward multiplies it by the upstream gradient in that dtype, and
+    only then does autograd cast it to the input's dtype (fp16 keeps GradScaler's scale).
     """
 
     @staticmethod
@@ -619,12 +665,12 @@ class InfoNCEFunction(torch.autograd.Function):
                      lse if need_dk else None)
         else:
             if mode == "queue":
-                loss, dq, coef = _queue_sweep_torch(q, pos, keys, temperature,
-                                                    compute_dq=need_dq)
+                loss, dq, coef = queue_sweep_torch(q, pos, keys, temperature,
+                                                   compute_dq=need_dq)
                 dk = None  # the queue takes no gradient
             else:
                 pos_idx = (torch.arange(n, device=q.device) + offset) % m
-                loss, dq, dk = _rows_sweep_torch(
+                loss, dq, dk = rows_sweep_torch(
                     q, keys, temperature, pos_idx, self_mask=mode == "nt_xent",
                     compute_dq=need_dq, compute_dk=need_dk)
                 coef = None
@@ -637,7 +683,7 @@ class InfoNCEFunction(torch.autograd.Function):
         dq, coef, q, keys_or_dk, lse = ctx.saved_tensors
         if grad is None:
             return (None,) * 10
-        scale = grad / n  # d mean / d loss_i
+        scale = grad / n  # d mean / d loss_i, in the loss's (accumulation) dtype
         dq_out = dk_out = dpos_out = None
         if ctx.needs_input_grad[0] and dq is not None:
             dq_out = dq * scale
@@ -650,16 +696,18 @@ class InfoNCEFunction(torch.autograd.Function):
                 dk = keys_or_dk
             dk_out = dk * scale
         if mode == "queue" and ctx.needs_input_grad[2]:
-            dpos_out = (coef[:, None] * q) * scale
+            dpos_out = (coef[:, None] * q.to(coef.dtype)) * scale
         return dq_out, dk_out, dpos_out, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public API
 def _backend(*tensors: torch.Tensor) -> str:
-    backend = choose_backend(*tensors)
-    if backend == "triton" and tensors[0].shape[1] > TRITON_MAX_C:
-        return "torch"
-    return backend
+    """choose_backend, with the kernels' own limit: wider rows than TRITON_MAX_C do not fit
+    their register tiles (a forced SELFSUP_KERNELS=triton raises, naming it)."""
+    c = tensors[0].shape[1]
+    why = (f"C={c} columns exceed the InfoNCE kernels' limit of {TRITON_MAX_C}"
+           if c > TRITON_MAX_C else None)
+    return choose_backend(*tensors, unsupported=why)
 
 
 def info_nce_queue(q, k, queue, temperature, *, normalize=True):
@@ -669,7 +717,8 @@ def info_nce_queue(q, k, queue, temperature, *, normalize=True):
         q: queries (N, C); gradients flow to them.
         k: positive keys (N, C); gradients flow to them when k requires grad.
         queue: negatives (K, C), K >= 1, used as they are (already normalized), no gradient.
-        temperature: T > 0.
+            Keep it in the training dtype (`MoCoQueue(dtype=...)`): mixed dtypes promote.
+        temperature: T > 0, a number or a 0-d tensor (never read on the host).
         normalize: L2-normalize q and k first (the gradient goes through it).
     Returns:
         the mean over rows of CE([q.k, q.queue^T] / T, 0), a scalar in the accumulation
@@ -683,7 +732,7 @@ def info_nce_queue(q, k, queue, temperature, *, normalize=True):
         return info_nce_queue_ref(q, k, queue, temperature, normalize=normalize)
     q, k, queue = _promote(q, k, queue.detach())
     if normalize:
-        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        q, k = _normalize(q), _normalize(k)
     grad = torch.is_grad_enabled()
     return InfoNCEFunction.apply(q, queue, k, temperature, "queue", 0, backend,
                                  grad and q.requires_grad, False, grad and k.requires_grad)
@@ -694,7 +743,7 @@ def info_nce_batch(q, k, temperature, *, positive_offset=0, normalize=True):
 
     Args:
         q: queries (N, C). k: keys (M, C), M >= N, e.g. gathered from every rank.
-        temperature: T > 0 (MoCo v3 applies its 2T factor itself).
+        temperature: T > 0, a number or a 0-d tensor (MoCo v3 applies its 2T factor itself).
         positive_offset: the label of row i is i + positive_offset (N * rank when gathered);
             positive_offset + N <= M.
         normalize: L2-normalize q and k first.
@@ -710,7 +759,7 @@ def info_nce_batch(q, k, temperature, *, positive_offset=0, normalize=True):
                                   normalize=normalize)
     q, k = _promote(q, k)
     if normalize:
-        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        q, k = _normalize(q), _normalize(k)
     grad = torch.is_grad_enabled()
     return InfoNCEFunction.apply(q, k, None, temperature, "batch", positive_offset, backend,
                                  grad and q.requires_grad, grad and k.requires_grad, False)
@@ -721,7 +770,7 @@ def nt_xent(z1, z2, temperature, *, normalize=True):
 
     Args:
         z1, z2: the two views' embeddings, (N, C) each; row i of z1 pairs with row i of z2.
-        temperature: T > 0.
+        temperature: T > 0, a number or a 0-d tensor.
         normalize: L2-normalize the rows first.
     Returns:
         the mean over the 2N anchors of CE with the other view as the positive and the row
@@ -735,55 +784,7 @@ def nt_xent(z1, z2, temperature, *, normalize=True):
         return nt_xent_ref(z1, z2, temperature, normalize=normalize)
     z = torch.cat(_promote(z1, z2), 0)
     if normalize:
-        z = F.normalize(z, dim=1)
+        z = _normalize(z)
     need = torch.is_grad_enabled() and z.requires_grad
     return InfoNCEFunction.apply(z, z, None, temperature, "nt_xent", len(z1), backend,
                                  need, need, False)
-
-
-class MoCoQueue(nn.Module):
-    """Ring buffer of `size` keys of width `dim`, initialized to random unit vectors.
-
-    Buffers: ``queue`` (size, dim) and ``ptr`` (the next slot to overwrite, a 0-d long), so the
-    state_dict round-trips. `enqueue` takes batches of any length: one that does not divide
-    `size` wraps around, and one longer than `size` keeps its last `size` keys, exactly as if
-    its rows had been enqueued one by one.
-    """
-
-    def __init__(self, dim: int, size: int) -> None:
-        super().__init__()
-        for name, v in (("dim", dim), ("size", size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-
-    @property
-    def size(self) -> int:
-        return self.queue.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.queue.shape[1]
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, size={self.size}"
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write keys (B, dim) over the oldest entries; any B >= 0."""
-        check_tensor("keys", keys, ndim=2)
-        if keys.shape[1] != self.dim:
-            raise ValueError(f"keys must have dim={self.dim} columns, got shape "
-                             f"{tuple(keys.shape)}")
-        n, size, ptr = keys.shape[0], self.size, int(self.ptr)
-        if n == 0:
-            return
-        keys = keys.detach().to(device=self.queue.device, dtype=self.queue.dtype)
-        start = ptr
-        if n > size:  # the first n - size rows would be overwritten within this batch
-            keys, start = keys[n - size:], (ptr + n - size) % size
-        first = min(len(keys), size - start)  # contiguous slices: no index tensor
-        self.queue[start:start + first] = keys[:first]
-        self.queue[:len(keys) - first] = keys[first:]
-        self.ptr.fill_((ptr + n) % size)

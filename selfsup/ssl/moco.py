@@ -30,6 +30,7 @@ from ..models.heads import MLP
 from .common import Method, build_encoder, collapse_stats, ema_update, frozen_copy
 
 GROUP = 32  # samples per emulated "GPU" for single-process shuffle BN
+QUEUE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # by --precision
 
 
 class MoCo(Method):
@@ -48,7 +49,10 @@ class MoCo(Method):
         self.head = MLP(d, cfg.proj_hidden or d, cfg.proj_dim, 1 if self.version == 1 else 2,
                         bn=False)
         self.key_backbone, self.key_head = frozen_copy(self.backbone), frozen_copy(self.head)
-        self.queue = MoCoQueue(cfg.proj_dim, cfg.queue_size)
+        # keys stored in the training dtype, so the fused loss runs its bf16/fp16 kernels
+        # (an fp32 queue would promote the whole loss to fp32; see MoCoQueue)
+        self.queue = MoCoQueue(cfg.proj_dim, cfg.queue_size,
+                               dtype=QUEUE_DTYPES.get(cfg.precision, torch.float32))
         self._pending: torch.Tensor | None = None  # keys of this step, enqueued after it
 
     @classmethod
@@ -92,7 +96,7 @@ class MoCo(Method):
     # ------------------------------------------------------------------ contract
     def forward(self, views: list[torch.Tensor]) -> dict:
         q = self.query(views[0])
-        k = F.normalize(self.key(views[1]).float(), dim=1)
+        k = F.normalize(self.key(views[1]), dim=1).to(self.queue.queue.dtype)
         loss = info_nce_queue(q, k, self.queue.queue, self.temperature)
         self._pending = dist.all_gather_nograd(k)
         return {"loss": loss, **collapse_stats(q)}

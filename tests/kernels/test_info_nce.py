@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.kernels import MoCoQueue, info_nce_batch, info_nce_queue, nt_xent
+from selfsup.kernels import _info_nce_torch as inf_torch
 from selfsup.kernels import info_nce as inf
 from selfsup.kernels.info_nce import info_nce_batch_ref, info_nce_queue_ref, nt_xent_ref
 from selfsup.kernels.testing import TOL64, assert_lowp_close
@@ -29,7 +30,7 @@ OPS = {
 def small_chunks(monkeypatch):
     """Many chunks at test sizes, so the portable path's online rescaling and row chunking
     (and their ragged last chunks) are exercised, not just one full-width step."""
-    monkeypatch.setattr(inf, "CHUNK_ELEMS", 500)
+    monkeypatch.setattr(inf_torch, "CHUNK_ELEMS", 500)
 
 
 def make(kind, n, c, m=None, *, dtype=F64, scale=1.0):
@@ -239,7 +240,7 @@ def test_dispatch_runs_the_chosen_path(monkeypatch):
 def test_portable_queue_memory_is_a_tenth_of_naive(monkeypatch, threads):
     """The issue's bar at N=256, C=128, K=65536: peak extra memory <= naive / 10 (and
     ROOFLINE's <= 10 MB at 1 thread; more threads use 4x larger chunks)."""
-    monkeypatch.setattr(inf, "CHUNK_ELEMS", 1 << 20)  # the production chunking
+    monkeypatch.setattr(inf_torch, "CHUNK_ELEMS", 1 << 20)  # the production chunking
     q, k, queue = make("queue", 256, 128, 65536, dtype=torch.float32)
     q.requires_grad_(True)
 
