@@ -235,6 +235,8 @@ def parse_only(entry: str, args: list[str], env: dict) -> argparse.Namespace | N
             if e.code in (0, None):
                 return None  # --help
             raise CommandError(f"its argument parser rejected it:\n{err.getvalue().strip()}")
+        except Exception as e:  # noqa: BLE001 - e.g. an import that fails before parse_args
+            raise CommandError(f"{entry} raised before parsing its arguments: {e!r}") from e
     raise CommandError(f"{entry}'s main returned without calling ArgumentParser.parse_args")
 
 
@@ -247,8 +249,8 @@ def check_train_config(ns: argparse.Namespace) -> None:
     try:
         cls = method_class(cli.get("method", Config.method))
         cfg = resolve(cli, cls.preset)
-    except ValueError as e:
-        raise CommandError(f"train.py's config does not resolve: {e}") from e
+    except Exception as e:  # noqa: BLE001 - whatever it is, the documented command is broken
+        raise CommandError(f"train.py's config does not resolve: {e!r}") from e
     if ALIASES.get(cfg.arch, cfg.arch) not in ARCHS:
         raise CommandError(f"--arch {cfg.arch!r} is not one of {sorted(ARCHS) + sorted(ALIASES)}")
 
