@@ -242,3 +242,17 @@ def test_truncated_and_corrupt_files_are_skipped_never_padded(broken_folder, bac
     for p in bad:
         with pytest.raises(CorruptImageError, match=p.rsplit("/", 1)[-1]):
             decode_image(p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skips_are_named_when_the_epoch_is_cut_short(broken_folder, backend):
+    """A run that ends at --steps mid-epoch still names what it skipped."""
+    root, bad = broken_folder
+    loader = build_loader(root, "eval", 9, device=backend, img_size=S, drop_last=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        it = iter(loader)
+        next(it)  # the one batch holds every file
+        it.close()
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and all(p in msgs[0] for p in bad), msgs

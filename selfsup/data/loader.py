@@ -154,12 +154,19 @@ class Loader:
     def __iter__(self):
         self._skips = {}
         order = self.order(self.epoch)
-        if self.backend == "portable":
-            yield from _prefetch(lambda i: self._portable_batch(order, i), len(self))
-        else:
-            yield from self._dali_batches(order)
+        try:
+            if self.backend == "portable":
+                yield from _prefetch(lambda i: self._portable_batch(order, i), len(self))
+            else:
+                yield from self._dali_batches(order)
+        except GeneratorExit:  # the caller stopped mid-epoch (a run ending at --steps)
+            self._warn_skipped()
+            raise
+        self._warn_skipped()  # (an error ends the epoch with its own message instead)
+
+    def _warn_skipped(self) -> None:
         if self._skips:
-            warnings.warn(self.skip_summary(), stacklevel=2)
+            warnings.warn(self.skip_summary(), stacklevel=3)
 
     def skip_summary(self) -> str:
         """One line for this epoch's skipped files: how many, which, and why."""
