@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= all
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench quality lint clean triton36
+.PHONY: install demo test bench quality lint clean triton36 gpu-check
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ quality: install
 # The kernels under triton 3.6 (the GPU images' version) in their own venv; not part of CI.
 triton36:
 	bash scripts/triton36_check.sh
+
+# On a CUDA machine with torch + triton already there (no install, no network): kernels vs
+# float64, timings vs ROOFLINE, 20 training steps per method; about 8 minutes (docs/gpu-check.md).
+GPU_PY ?= python3
+gpu-check:
+	PYTHONPATH=. $(GPU_PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: install
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check .
