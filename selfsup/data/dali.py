@@ -7,7 +7,8 @@ parameters made on the host by recipes.draw_params. The graph uses no DALI rando
 so its output is a pure function of what the callback returns: deterministic across runs,
 thread counts, restarts and rebuilds. Each view is, on uint8 HWC:
 
-    resize(roi = crop box, x0 > x1 mirrors; linear) -> colour twist -> blur -> solarize
+    resize(roi = crop box, x0 > x1 mirrors; linear, or cubic for views with interp="cubic")
+    -> colour twist -> blur -> solarize
     -> normalize to float32 CHW
 
 Two implementations of that view:
@@ -20,7 +21,8 @@ Two implementations of that view:
   the stock graph computes (tests/test_dali_fused.py: against a float64 reference, and
   within one level of the stock graph on grey images; ~2e-5 of the values of whole quality
   runs differ, by one level: bench/fused_parity.py).
-- GPU, and CPU where the operator cannot be built (no C++ compiler) or SELFSUP_DALI_PLUGIN=0:
+- GPU, recipes with a bicubic view (the fused operator is linear only), and CPU where the
+  operator cannot be built (no C++ compiler) or SELFSUP_DALI_PLUGIN=0:
   DALI's stock operators, each per-sample argument its own external-source output (slicing
   one matrix in the graph runs an operator per slice and per sample): resize, color_twist
   (RGB) or brightness_contrast (grey), blur (gaussian_blur on GPU; on CPU fn.filter with
@@ -159,8 +161,9 @@ def _view(img, a: dict, view: View, src_chans: int, antialias: bool, gpu: bool):
     from nvidia.dali import fn, types
 
     # a box with x0 > x1 is mirrored by the resize itself: no separate flip op
+    interp = types.INTERP_CUBIC if view.interp == "cubic" else types.INTERP_LINEAR
     y = fn.resize(img, size=[view.size, view.size], roi_start=a["roi_start"],
-                  roi_end=a["roi_end"], roi_relative=True, interp_type=types.INTERP_LINEAR,
+                  roi_end=a["roi_end"], roi_relative=True, interp_type=interp,
                   antialias=antialias)
     if view.has_color:
         if src_chans == 3:
@@ -214,7 +217,9 @@ def build_pipeline(recipe: Recipe, source: Callable[[int], tuple], *, encoded: b
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
-    fused = not gpu and dali_plugin.enabled() and dali_plugin.load()
+    # the fused operator resizes linearly only: bicubic views (DINO, MAE) take the stock graph
+    fused = (not gpu and all(v.interp == "linear" for v in recipe.views)
+             and dali_plugin.enabled() and dali_plugin.load())
     names = [("params",) if fused else _arg_names(v, src_chans, gpu) for v in recipe.views]
     flat = [n for ns in names for n in ns]
     norm = transforms.norm_constants(recipe.mean, recipe.std, recipe.in_chans)

@@ -281,7 +281,7 @@ class Loader:
                 open_image(path, self.mode, max_pixels=self.max_pixels))
             imgs, labels, params, _ = self._file_batch(order, i, load)
         crops = list(self._threads().map(
-            lambda b: [transforms.crop_resize_pil(imgs[b], params[v][b], view.size)
+            lambda b: [transforms.crop_resize_pil(imgs[b], params[v][b], view.size, view.interp)
                        for v, view in enumerate(r.views)], range(len(imgs))))
         per_view = [[c[v] for c in crops] for v in range(len(r.views))]
         views = transforms.augment_crops(per_view, params, r.views, r.mean, r.std, r.in_chans)

@@ -64,6 +64,9 @@ class View:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
+    # crop+resize interpolation: "linear", or "cubic" (DINO's and MAE's bicubic crops; the
+    # fused DALI CPU operator is linear only, so a cubic view runs DALI's stock graph)
+    interp: str = "linear"
 
     @property
     def blur_window(self) -> int:
@@ -95,10 +98,14 @@ class Recipe:
 
 
 # ----------------------------------------------------------------------------- the papers
-def _strong(size, *, scale=(0.2, 1.0), sat=0.4, blur_p=0.5, solarize_p=0.0) -> View:
-    """MoCo v2 / SimCLR / BYOL / DINO family: crop, flip, jitter p=.8, grey p=.2, blur."""
+INTERPS = ("linear", "cubic")
+
+
+def _strong(size, *, scale=(0.2, 1.0), sat=0.4, blur_p=0.5, solarize_p=0.0,
+            interp="linear") -> View:
+    """MoCo v2 / BYOL / DINO family: crop, flip, jitter p=.8, grey p=.2, blur."""
     return View(size, scale, jitter=(0.4, 0.4, sat, 0.1), jitter_p=0.8, gray_p=0.2,
-                blur_p=blur_p, solarize_p=solarize_p)
+                blur_p=blur_p, solarize_p=solarize_p, interp=interp)
 
 
 def _mocov1(s, scale=(0.2, 1.0)):
@@ -108,29 +115,39 @@ def _mocov1(s, scale=(0.2, 1.0)):
 
 
 def _mocov2(s, scale=(0.2, 1.0)):
-    # MoCo v2 (shared by MoCo v3, SimCLR, SimSiam): jitter (.4,.4,.4,.1) p=.8, blur p=.5
+    # MoCo v2 (and SimSiam): jitter (.4,.4,.4,.1) p=.8, blur p=.5
     v = _strong(s, scale=scale)
     return (v, v)
 
 
 def _byol(s, scale=(0.08, 1.0)):
-    # BYOL: jitter (.4,.4,.2,.1) p=.8; view 1 blur p=1, view 2 blur p=.1 + solarize p=.2
+    # BYOL (and MoCo v3): jitter (.4,.4,.2,.1) p=.8; view 1 blur p=1, view 2 blur p=.1 +
+    # solarize p=.2
     return (_strong(s, scale=scale, sat=0.2, blur_p=1.0),
             _strong(s, scale=scale, sat=0.2, blur_p=0.1, solarize_p=0.2))
 
 
+def _simclr(s, scale=(0.08, 1.0), strength=1.0):
+    # SimCLR (ImageNet): colour distortion of strength s, jitter (.8s,.8s,.8s,.2s) p=.8,
+    # grey p=.2, blur p=.5; the same distribution for both views
+    v = View(s, scale, jitter=(0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength),
+             jitter_p=0.8, gray_p=0.2, blur_p=0.5)
+    return (v, v)
+
+
 def _dino(s, n_local=8, local_size=None, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
-    # DINO: global 1 blur p=1; global 2 blur p=.1 + solarize p=.2; locals blur p=.5
+    # DINO: global 1 blur p=1; global 2 blur p=.1 + solarize p=.2; locals blur p=.5; all
+    # crops bicubic, as the official code resizes them
     local_size = local_size or dino_local_size(s)
-    g1 = _strong(s, scale=global_scale, sat=0.2, blur_p=1.0)
-    g2 = _strong(s, scale=global_scale, sat=0.2, blur_p=0.1, solarize_p=0.2)
-    loc = _strong(local_size, scale=local_scale, sat=0.2, blur_p=0.5)
+    g1 = _strong(s, scale=global_scale, sat=0.2, blur_p=1.0, interp="cubic")
+    g2 = _strong(s, scale=global_scale, sat=0.2, blur_p=0.1, solarize_p=0.2, interp="cubic")
+    loc = _strong(local_size, scale=local_scale, sat=0.2, blur_p=0.5, interp="cubic")
     return (g1, g2) + (loc,) * n_local
 
 
 def _mae(s, scale=(0.2, 1.0)):
-    # MAE: crop + flip only (the official code uses bicubic; bilinear here)
-    return (View(s, scale),)
+    # MAE: crop (bicubic, as the official code) + flip only
+    return (View(s, scale, interp="cubic"),)
 
 
 def _eval(s, center_crop=None):
@@ -138,8 +155,8 @@ def _eval(s, center_crop=None):
     return (View(s, None, center_crop=center_crop, flip_p=0.0),)
 
 
-RECIPES = {"mocov1": _mocov1, "mocov2": _mocov2, "byol": _byol, "dino": _dino, "mae": _mae,
-           "eval": _eval}
+RECIPES = {"mocov1": _mocov1, "mocov2": _mocov2, "byol": _byol, "simclr": _simclr,
+           "dino": _dino, "mae": _mae, "eval": _eval}
 
 
 def dino_local_size(img_size: int) -> int:
@@ -152,9 +169,10 @@ def get_recipe(name: str, img_size: int, in_chans: int = 3, **overrides) -> Reci
 
     Overrides (None values are ignored): mean=, std= (tuples of length in_chans); blur=False
     drops the Gaussian blur from every view (SimCLR's CIFAR-10 recipe: at 32 px and below a
-    blur erases the detail that tells the classes apart); and the recipe's own keywords:
-    scale= for mocov1/mocov2/byol/mae; n_local=, local_size=, global_scale=, local_scale= for
-    dino; center_crop= for eval.
+    blur erases the detail that tells the classes apart); interp="linear" | "cubic" sets every
+    view's crop interpolation; and the recipe's own keywords: scale= for
+    mocov1/mocov2/byol/simclr/mae; strength= for simclr; n_local=, local_size=, global_scale=,
+    local_scale= for dino; center_crop= for eval.
     """
     if name not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
@@ -170,6 +188,9 @@ def get_recipe(name: str, img_size: int, in_chans: int = 3, **overrides) -> Reci
     blur = overrides.pop("blur", True)
     if not isinstance(blur, bool):
         raise ValueError(f"blur must be True or False, got {blur!r}")
+    interp = overrides.pop("interp", None)
+    if interp is not None and interp not in INTERPS:
+        raise ValueError(f"interp must be one of {INTERPS}, got {interp!r}")
     build = RECIPES[name]
     allowed = list(inspect.signature(build).parameters)[1:]
     unknown = sorted(set(overrides) - set(allowed))
@@ -182,6 +203,9 @@ def get_recipe(name: str, img_size: int, in_chans: int = 3, **overrides) -> Reci
     if not blur:
         views = tuple(dataclasses.replace(v, blur_p=0.0) for v in views)
         overrides["blur"] = False
+    if interp is not None:
+        views = tuple(dataclasses.replace(v, interp=interp) for v in views)
+        overrides["interp"] = interp
     for v in views:
         _check_view(v)
     return Recipe(name, views, in_chans, mean, std, dict(overrides))
@@ -195,6 +219,8 @@ def _check_view(v: View) -> None:
             raise ValueError(f"{nm} must be (lo, hi) with 0 < lo <= hi, got {rng}")
     if v.scale is not None and v.scale[1] > 1:
         raise ValueError(f"scale must be within (0, 1], got {v.scale}")
+    if v.interp not in INTERPS:
+        raise ValueError(f"interp must be one of {INTERPS}, got {v.interp!r}")
 
 
 # ----------------------------------------------------------------------------- the draw

@@ -8,7 +8,8 @@ rounding to uint8 between its ops (this path stays in float32 until the normaliz
   crop+resize  arrays: one batched `grid_sample` (bilinear, pixel centres, clamped borders),
                which equals DALI's linear resize when upsampling; it does not antialias when
                a crop is shrunk (DALI does). Files: Pillow's bilinear `resize(box=...)`, which
-               antialiases like DALI.
+               antialiases like DALI. Views with interp="cubic" (DINO, MAE) use grid_sample's
+               bicubic mode and Pillow's BICUBIC (DALI: INTERP_CUBIC) instead.
   flip         a box with x0 > x1: a mirrored sampling grid (arrays), a Pillow transpose
                (files)
   colour       DALI's color_twist matrix: b*c * YIQ->RGB * hue(h) * sat(s) * RGB->YIQ, offset
@@ -34,27 +35,35 @@ YIQ2RGB = torch.tensor([[1.0, 0.956, 0.621], [1.0, -0.272, -0.647], [1.0, -1.107
                        dtype=torch.float64)
 
 
-def crop_resize(x: torch.Tensor, p: torch.Tensor, size: int) -> torch.Tensor:
+GRID_MODES = {"linear": "bilinear", "cubic": "bicubic"}
+
+
+def crop_resize(x: torch.Tensor, p: torch.Tensor, size: int, interp: str = "linear"
+                ) -> torch.Tensor:
     """x (B, C, H, W) float, p (B, N_PARAMS) -> (B, C, size, size): crop p[:, ROI].
 
-    A box with x0 > x1 samples right to left: that is the mirror."""
+    A box with x0 > x1 samples right to left: that is the mirror. interp "cubic" samples
+    bicubically; its overshoot is clamped to the [0, 255] pixel range, as a uint8 resize
+    would."""
     y0, x0, y1, x1 = p[:, ROI].double().unbind(1)
     base = (torch.arange(size, dtype=torch.float64) + 0.5) / size  # output pixel centres
     gx = 2 * (x0[:, None] + base * (x1 - x0)[:, None]) - 1  # grid_sample's [-1, 1] = edges
     gy = 2 * (y0[:, None] + base * (y1 - y0)[:, None]) - 1
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border",
-                         align_corners=False)
+    out = F.grid_sample(x, grid.to(x.dtype), mode=GRID_MODES[interp], padding_mode="border",
+                        align_corners=False)
+    return out.clamp_(0, 255) if interp == "cubic" else out
 
 
-def crop_resize_pil(img, p: np.ndarray, size: int) -> np.ndarray:
+def crop_resize_pil(img, p: np.ndarray, size: int, interp: str = "linear") -> np.ndarray:
     """A Pillow image and one parameter row -> uint8 (size, size[, C]), cropped and flipped."""
     from PIL import Image
 
     w, h = img.size
     y0, x0, y1, x1 = (float(v) for v in p[ROI])
     box = (min(x0, x1) * w, y0 * h, max(x0, x1) * w, y1 * h)
-    out = img.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
+    resample = Image.BICUBIC if interp == "cubic" else Image.BILINEAR
+    out = img.resize((size, size), resample, box=box, reducing_gap=None)
     if x0 > x1:  # the mirrored box
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(out)
@@ -173,7 +182,8 @@ def augment_arrays(images: np.ndarray, params: list[np.ndarray], views, mean, st
     out = []
     for view, p in zip(views, params, strict=True):
         pt = torch.from_numpy(p)
-        out.append(finish_view(crop_resize(x, pt, view.size), pt, view, mean, std, out_chans))
+        out.append(finish_view(crop_resize(x, pt, view.size, view.interp), pt, view, mean, std,
+                               out_chans))
     return out
 
 
