@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,17 +38,26 @@ class Config:
     # ---------------------------------------------------------------- optimization
     optimizer: str = "sgd"  # sgd | lars | adamw
     lr: float | None = None  # absolute peak lr; overrides blr
-    blr: float = 0.03  # base lr: lr = blr * global_batch / 256
+    blr: float = 0.03  # base lr: lr = blr * global_batch / 256 (sqrt: blr * sqrt(batch))
+    lr_scaling: str = "linear"  # linear: blr * batch / 256 | sqrt: blr * sqrt(batch) (SimCLR)
+    lr_schedule: str = "cosine"  # cosine | step (MoCo v1: x lr_gamma at each milestone)
+    lr_milestones: tuple[float, ...] | None = None  # step schedule: epochs (MoCo v1: 120 160)
+    lr_gamma: float = 0.1  # step schedule: factor at each milestone
     min_lr: float = 0.0  # end of the cosine lr schedule
     wd: float = 1e-4  # weight decay (start value when wd_end is set)
     wd_end: float | None = None  # cosine weight-decay schedule end (DINO: 0.4); None: constant
+    decay_all: bool | None = None  # wd on biases and norms too (official MoCo, SimSiam, MoCo v3)
     momentum: float = 0.9  # SGD / LARS momentum
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (MAE: 0.9, 0.95)
     warmup_epochs: float = 0.0  # linear lr warm-up
-    clip_grad: float | None = None  # max global grad norm (DINO: 3.0)
+    clip_grad: float | None = None  # max grad norm (DINO: 3.0), see clip_mode
+    clip_mode: str = "global"  # global: the norm of all grads | per-param: each tensor's (DINO)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; GradScaler for fp16)
     grad_ckpt: bool = False  # activation checkpointing in ViT blocks (ViT-L/H)
     channels_last: bool = False  # NHWC weights and images: faster oneDNN / cuDNN convolutions
+    drop_path: float | None = None  # ViT stochastic depth of the trained encoder (DINO: 0.1)
+    zero_init_residual: bool | None = None  # ResNet: last BN of each block 0 (MoCo v3, SimSiam)
+    vit_init: str | None = None  # xavier (MAE, MoCo v3) | trunc_normal (DINO: std 0.02)
     # ---------------------------------------------------------------- method knobs (presets)
     temperature: float | None = None  # InfoNCE / NT-Xent / DINO student temperature
     queue_size: int | None = None  # MoCo v1/v2 negative queue length K
@@ -55,12 +65,14 @@ class Config:
     proj_dim: int | None = None  # projection output width
     proj_hidden: int | None = None  # projection hidden width
     pred_hidden: int | None = None  # predictor hidden width
+    mlp_bias: bool | None = None  # bias in head Linears feeding no BN (MoCo v3: none)
     out_dim: int | None = None  # DINO head output width K
     n_local: int | None = None  # DINO local crops
     teacher_temp: float | None = None  # DINO teacher temperature after warm-up
     warmup_teacher_temp: float | None = None  # DINO teacher temperature at step 0
     warmup_teacher_temp_epochs: float | None = None  # DINO teacher temperature warm-up
     freeze_last_layer_epochs: float | None = None  # DINO: last head layer frozen this long
+    norm_last_layer: bool | None = None  # DINO: the head's last layer keeps unit-norm rows
     center_momentum: float | None = None  # DINO center EMA
     mask_ratio: float | None = None  # MAE
     norm_pix: bool | None = None  # MAE normalized-pixel target
@@ -69,7 +81,11 @@ class Config:
     shuffle_bn: bool | None = None  # MoCo v1/v2 shuffle BN (emulated on one process)
     # ---------------------------------------------------------------- augmentation
     crop_scale: tuple[float, float] | None = None  # random-resized-crop area (DINO: global)
+    local_crop_scale: tuple[float, float] | None = None  # DINO local crops (paper 0.05 0.4)
     blur: bool = True  # the recipe's Gaussian blur; --no-blur: SimCLR's CIFAR-10 recipe
+    aug: str | None = None  # augmentation recipe (selfsup.data.recipes); None: the method's
+    interp: str | None = None  # crop resize: linear | cubic; None: the recipe's (DINO, MAE cubic)
+    jitter_strength: float | None = None  # SimCLR colour distortion s (ImageNet 1.0, CIFAR 0.5)
     # ---------------------------------------------------------------- runtime
     device: str = "auto"  # auto | cpu | cuda
     data_device: str = "auto"  # loader: auto | dali-gpu | dali-cpu | portable
@@ -90,7 +106,16 @@ class Config:
 
     # ---------------------------------------------------------------- derived values
     def peak_lr(self, world_size: int = 1) -> float:
-        return self.lr if self.lr is not None else self.blr * self.batch_size * world_size / 256
+        """--lr, else --blr scaled by the global batch: linearly (x batch / 256, Goyal et al.
+        2017) or by its square root (SimCLR's LARS: 0.075 * sqrt(batch))."""
+        if self.lr is not None:
+            return self.lr
+        batch = self.batch_size * world_size
+        if self.lr_scaling == "sqrt":
+            return self.blr * math.sqrt(batch)
+        if self.lr_scaling != "linear":
+            raise ValueError(f"--lr-scaling must be linear or sqrt, got {self.lr_scaling!r}")
+        return self.blr * batch / 256
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,7 +130,7 @@ class Config:
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         d = dict(d)
-        for key in ("betas", "crop_scale"):  # JSON has no tuples
+        for key in ("betas", "crop_scale", "local_crop_scale", "lr_milestones"):  # JSON: lists
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -116,6 +141,11 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
     "data_device": ("auto", "dali-gpu", "dali-cpu", "portable"),
+    "lr_scaling": ("linear", "sqrt"),
+    "lr_schedule": ("cosine", "step"),
+    "clip_mode": ("global", "per-param"),
+    "vit_init": ("xavier", "trunc_normal"),
+    "interp": ("linear", "cubic"),
 }
 
 
@@ -142,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, dest=f.name)
+        elif typing.get_origin(tp) is tuple and typing.get_args(tp)[-1] is Ellipsis:
+            p.add_argument(flag, type=float, nargs="+", dest=f.name, metavar="E")
         elif typing.get_origin(tp) is tuple:
             p.add_argument(flag, type=float, nargs=2, dest=f.name, metavar=("B1", "B2"))
         else:

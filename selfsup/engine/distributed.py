@@ -4,9 +4,14 @@
     torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --rdzv_backend c10d \
              --rdzv_endpoint HOST:29500 train.py ... [--fsdp]
 
-- DDP by default. Methods whose heads have BatchNorm (``sync_bn = True``: SimSiam, BYOL,
-  SimCLR, MoCo v3) get SyncBatchNorm on CUDA. torch's SyncBatchNorm has no CPU kernel, so on
-  gloo/CPU each rank normalizes its own batch (one warning says so).
+- Before wrapping, every parameter and buffer is broadcast from rank 0, so all ranks start
+  from one state: the same weights (ranks seed with seed + rank) and, since DDP never
+  broadcasts buffers here, the same random MoCo queue (the official code's buffers are
+  broadcast by DDP once at construction).
+- DDP by default. Methods with ``sync_bn = True`` (SimSiam, BYOL, SimCLR, MoCo v3, and DINO,
+  whose ResNet student and teacher the official code converts) get SyncBatchNorm on CUDA.
+  torch's SyncBatchNorm has no CPU kernel, so on gloo/CPU each rank normalizes its own batch
+  (one warning says so).
 - ``--fsdp``: FSDP2 ``fully_shard`` on every transformer block, then on the whole method
   (ViT-L/H). Checkpoints hold full, unsharded tensors, so they load without FSDP and at another
   world size.
@@ -28,8 +33,17 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+@torch.no_grad()
+def broadcast_state(module: nn.Module, src: int = 0) -> None:
+    """Every parameter and buffer of `module` set to rank `src`'s, in place (one broadcast
+    per tensor, once at start)."""
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src)
+
+
 def wrap(method: nn.Module, cfg, device: torch.device) -> nn.Module:
     """The module the loop calls: DDP(method) or the FSDP2-sharded method itself."""
+    broadcast_state(method)
     if getattr(method, "sync_bn", False) and has_batchnorm(method):
         if device.type == "cuda":
             nn.SyncBatchNorm.convert_sync_batchnorm(method)

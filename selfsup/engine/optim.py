@@ -70,3 +70,17 @@ def build_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def clip_per_param_(params, max_norm: float) -> None:
+    """Scale each gradient tensor whose norm exceeds max_norm down to it (official DINO's
+    per-tensor clip: coef = max_norm / (norm + 1e-6), applied when < 1). Unlike the global
+    clip, a tensor under the bound is never touched, whatever the other tensors' norms.
+    Foreach ops, no host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, coefs)

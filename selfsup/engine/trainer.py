@@ -31,7 +31,7 @@ from .monitors import (
     grad_norm,
     knn_accuracy,
 )
-from .optim import build_optimizer
+from .optim import build_optimizer, clip_per_param_
 from .runlog import Progress, RunLogger
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,7 +71,26 @@ def make_train_loader(cfg: Config, recipe: str, recipe_kwargs: dict):
                         img_size=cfg.img_size, num_threads=cfg.workers, seed=cfg.seed,
                         shard_id=dist.rank(), num_shards=dist.world_size(), drop_last=True,
                         in_chans=cfg.in_chans, blur=cfg.blur, max_pixels=cfg.max_pixels,
-                        **recipe_kwargs)
+                        interp=cfg.interp, **recipe_kwargs)
+
+
+def recipe_name(cfg: Config, cls) -> str:
+    """--aug when given (e.g. to rerun a recorded row on its old recipe), else the method's."""
+    return cfg.aug or cls.recipe
+
+
+def lr_schedule(cfg: Config, peak_lr: float, total: int, steps_per_epoch: int,
+                warmup: int) -> torch.Tensor:
+    """The per-step lr: cosine to --min-lr, or MoCo v1's step schedule (--lr-milestones in
+    epochs, x --lr-gamma at each)."""
+    if cfg.lr_schedule == "cosine":
+        return schedules.cosine(peak_lr, cfg.min_lr, total, warmup)
+    if cfg.lr_schedule != "step":
+        raise ValueError(f"--lr-schedule must be cosine or step, got {cfg.lr_schedule!r}")
+    if not cfg.lr_milestones:
+        raise ValueError("--lr-schedule step needs --lr-milestones (epochs, e.g. 120 160)")
+    milestones = [round(e * steps_per_epoch) for e in cfg.lr_milestones]
+    return schedules.step(peak_lr, total, milestones, cfg.lr_gamma, warmup)
 
 
 KNN_BATCH = 256  # images per k-NN feature-extraction batch
@@ -135,7 +154,7 @@ def train(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- data
     recipe_kwargs = cls.recipe_kwargs(cfg) if hasattr(cls, "recipe_kwargs") else {}
-    loader = make_train_loader(cfg, cls.recipe, recipe_kwargs)
+    loader = make_train_loader(cfg, recipe_name(cfg, cls), recipe_kwargs)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} x {world} processes exceeds the "
@@ -157,8 +176,8 @@ def train(cfg: Config) -> dict:
     model = wrap_distributed(method, cfg, device)
     opt = build_optimizer(method.param_groups(cfg), cfg)
     peak_lr = cfg.peak_lr(world)
-    lr_sched = schedules.cosine(peak_lr, cfg.min_lr, schedule_steps,
-                                round(cfg.warmup_epochs * steps_per_epoch))
+    lr_sched = lr_schedule(cfg, peak_lr, schedule_steps, steps_per_epoch,
+                           round(cfg.warmup_epochs * steps_per_epoch))
     wd_sched = (schedules.cosine(cfg.wd, cfg.wd_end, schedule_steps) if cfg.wd_end is not None
                 else schedules.constant(cfg.wd, schedule_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -265,13 +284,8 @@ def train(cfg: Config) -> dict:
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
-                for g in opt.param_groups:  # e.g. DINO's last layer during epoch 1
-                    if step < g.get("freeze_steps", 0):
-                        for p in g["params"]:
-                            p.grad = None
-                total_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad).item()
-                              if cfg.clip_grad else None)
                 log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
+                total_norm = clip_gradients(opt, params, cfg, step, log_now)
                 if log_now:
                     stem_norm = grad_norm(stem.parameters()) if stem is not None else 0.0
                     total_norm = grad_norm(params) if total_norm is None else total_norm
@@ -322,6 +336,29 @@ def train(cfg: Config) -> dict:
                kind="summary")
     logger.close()
     return summary
+
+
+def clip_gradients(opt, params, cfg: Config, step: int, log_now: bool) -> float | None:
+    """Drop frozen groups' gradients (DINO's last layer in epoch 1) and clip; returns the
+    global norm before clipping when it was computed (global mode, or a log step).
+
+    global: the norm of all gradients together, after the frozen ones are dropped.
+    per-param (official DINO): each tensor's norm to --clip-grad, BEFORE the last layer's
+    gradient is cancelled (DINO's clip_gradients precedes cancel_gradients_last_layer).
+    """
+    if cfg.clip_grad and cfg.clip_mode not in ("global", "per-param"):
+        raise ValueError(f"--clip-mode must be global or per-param, got {cfg.clip_mode!r}")
+    per_param = bool(cfg.clip_grad) and cfg.clip_mode == "per-param"
+    total_norm = grad_norm(params) if per_param and log_now else None
+    if per_param:
+        clip_per_param_(params, cfg.clip_grad)
+    for g in opt.param_groups:  # e.g. DINO's last layer during epoch 1
+        if step < g.get("freeze_steps", 0):
+            for p in g["params"]:
+                p.grad = None
+    if cfg.clip_grad and not per_param:
+        total_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad).item()
+    return total_norm
 
 
 def agree(*flags: bool) -> list[bool]:

@@ -28,30 +28,35 @@ ARCHS: dict[str, object] = {**VIT_ARCHS, **RESNET_ARCHS}  # name -> ViTConfig | 
 def build_backbone(name: str, *, img_size: int | tuple[int, int] = 224,
                    patch_size: int | None = None, in_chans: int = 3, attn: str | None = None,
                    frozen_patch_embed: bool = False, pos_embed: str = "sincos",
-                   cifar_stem: bool = False, drop_path: float = 0.0) -> nn.Module:
+                   cifar_stem: bool = False, drop_path: float = 0.0, init: str = "xavier",
+                   zero_init_residual: bool = False) -> nn.Module:
     """The backbone `name` without a classifier; `.feature_dim` is its output width.
 
-    ViT-only options (patch_size, attn, frozen_patch_embed, pos_embed, drop_path) and the
-    ResNet-only cifar_stem raise a ValueError when set to a non-default value for the other
-    family, rather than being dropped silently.
+    ViT-only options (patch_size, attn, frozen_patch_embed, pos_embed, drop_path: the
+    stochastic-depth rate of the last block, init: "xavier" (MAE, MoCo v3) or "trunc_normal"
+    (DINO)) and the ResNet-only cifar_stem and zero_init_residual (each block's last BN
+    gamma 0: MoCo v3, SimSiam) raise a ValueError when set to a non-default value for the
+    other family, rather than being dropped silently.
     """
     key = ALIASES.get(name, name)
     if key in VIT_ARCHS:
-        if cifar_stem:
-            raise ValueError(f"cifar_stem applies to ResNets only, not {name!r}")
+        if cifar_stem or zero_init_residual:
+            raise ValueError(f"cifar_stem and zero_init_residual apply to ResNets only, "
+                             f"not {name!r}")
         return VisionTransformer.from_name(
             key, img_size=img_size, in_chans=in_chans, attn=attn, pos_embed=pos_embed,
-            frozen_patch_embed=frozen_patch_embed, drop_path=drop_path,
+            frozen_patch_embed=frozen_patch_embed, drop_path=drop_path, init=init,
             **({} if patch_size is None else {"patch_size": patch_size}))
     if key in RESNET_ARCHS:
         vit_only = dict(patch_size=patch_size, attn=attn, frozen_patch_embed=frozen_patch_embed,
-                        pos_embed=pos_embed, drop_path=drop_path)
+                        pos_embed=pos_embed, drop_path=drop_path, init=init)
         defaults = dict(patch_size=None, attn=None, frozen_patch_embed=False, pos_embed="sincos",
-                        drop_path=0.0)
+                        drop_path=0.0, init="xavier")
         bad = [k for k, v in vit_only.items() if v != defaults[k]]
         if bad:
             raise ValueError(f"{', '.join(bad)} apply to ViTs only, not {name!r}")
-        return ResNet.from_name(key, in_chans=in_chans, cifar_stem=cifar_stem)
+        return ResNet.from_name(key, in_chans=in_chans, cifar_stem=cifar_stem,
+                                zero_init_residual=zero_init_residual)
     names = sorted(ARCHS) + sorted(ALIASES)
     raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(names)}")
 

@@ -32,21 +32,23 @@ class MLP(nn.Sequential):
         bn: BatchNorm1d after every hidden Linear.
         last_bn: BatchNorm1d after the last Linear too (SimSiam, MoCo v3).
         last_bn_affine: whether that last BN learns a scale and shift (SimSiam: False).
+        bias: whether a Linear that feeds no BN has a bias (MoCo v3's MLPs have none).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, *,
-                 bn: bool = True, last_bn: bool = False, last_bn_affine: bool = True) -> None:
+                 bn: bool = True, last_bn: bool = False, last_bn_affine: bool = True,
+                 bias: bool = True) -> None:
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         layers: list[nn.Module] = []
         dim = in_dim
         for _ in range(num_layers - 1):
-            layers.append(nn.Linear(dim, hidden_dim, bias=not bn))
+            layers.append(nn.Linear(dim, hidden_dim, bias=bias and not bn))
             if bn:
                 layers.append(nn.BatchNorm1d(hidden_dim))
             layers.append(nn.ReLU(inplace=True))
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
+        layers.append(nn.Linear(dim, out_dim, bias=bias and not last_bn))
         if last_bn:
             layers.append(nn.BatchNorm1d(out_dim, affine=last_bn_affine))
         super().__init__(*layers)

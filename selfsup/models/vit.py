@@ -49,6 +49,7 @@ ARCHS: dict[str, ViTConfig] = {
 ALIASES = {"vit_t": "vit_tiny", "vit_s": "vit_small", "vit_b": "vit_base", "vit_l": "vit_large",
            "vit_h": "vit_huge"}
 POS_EMBEDS = ("sincos", "learned")
+INITS = ("xavier", "trunc_normal")
 
 
 # ----------------------------------------------------------------------------- position tables
@@ -176,6 +177,19 @@ def init_transformer_(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def init_trunc_normal_(module: nn.Module) -> None:
+    """DINO/timm-style init, applied with `module.apply`: linears trunc-normal std 0.02, zero
+    biases, LayerNorm 1/0. The cut is DINO's: at +-2 absolute (100 std), so in effect a
+    plain normal."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 # ----------------------------------------------------------------------------- the model
 class VisionTransformer(nn.Module):
     """ViT backbone without a classification head; forward(x) -> the normed cls token (B, D).
@@ -187,13 +201,16 @@ class VisionTransformer(nn.Module):
         frozen_patch_embed: MoCo v3's trick, the patch projection stays at its random init.
         attn: attention backend, "auto" | "xformers" | "sdpa" | "math" | None.
         drop_path: stochastic-depth rate of the last block (linear from 0 over depth).
+        init: "xavier" (MAE / MoCo v3: xavier-uniform linears, the packed qkv as three maps,
+            the patch projection as a linear map) or "trunc_normal" (DINO: linears
+            trunc-normal std 0.02, the patch projection keeps torch's Conv2d default).
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16,
                  in_chans: int = 3, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, *, qkv_bias: bool = True, pos_embed: str = "sincos",
                  frozen_patch_embed: bool = False, attn: str | None = None,
-                 drop_path: float = 0.0) -> None:
+                 drop_path: float = 0.0, init: str = "xavier") -> None:
         super().__init__()
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if patch_size < 1 or h % patch_size or w % patch_size:
@@ -202,6 +219,9 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.init = init
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
         self.feature_dim = embed_dim
         self.grid_size = (h // patch_size, w // patch_size)
@@ -240,14 +260,21 @@ class VisionTransformer(nn.Module):
                    mlp_ratio=cfg.mlp_ratio, **kw)
 
     def _init_weights(self) -> None:
-        self.apply(init_transformer_)
-        # the patch projection is a linear map of the flattened p x p x C patch
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        nn.init.normal_(self.cls_token, std=0.02)
+        if self.init == "trunc_normal":  # DINO: Linear and LayerNorm re-initialized only
+            self.apply(init_trunc_normal_)
+            self.patch_embed.proj.reset_parameters()
+            nn.init.trunc_normal_(self.cls_token, std=0.02, a=-2.0, b=2.0)
+            cut = 2.0
+        else:
+            self.apply(init_transformer_)
+            # the patch projection is a linear map of the flattened p x p x C patch
+            w = self.patch_embed.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.patch_embed.proj.bias)
+            nn.init.normal_(self.cls_token, std=0.02)
+            cut = 0.04
         if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
+            nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-cut, b=cut)
         else:
             with torch.no_grad():
                 self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, self.grid_size,
