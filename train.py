@@ -17,11 +17,12 @@ import sys
 # batch 128 x 520 steps, a 0.5 mask, norm_pix off; about 6 CPU minutes, +5.2 k-NN points).
 # MoCo v1, BYOL, SimSiam and SimCLR gain more (+5.5 to +5.8), but in bf16, slow on CPUs without it;
 # this runs in fp32 everywhere. tests/test_quality.py checks it against quality.py's row.
+# --interp linear: the row ran bilinear crops, before MAE's preset took the official bicubic.
 DEMO = ["--method", "mae", "--arch", "vit_tiny", "--patch-size", "4", "--img-size", "16",
         "--steps", "520", "--batch-size", "128", "--optimizer", "adamw", "--lr", "1e-3",
         "--wd", "0.05", "--decoder-dim", "128", "--decoder-depth", "2", "--mask-ratio", "0.5",
         "--no-norm-pix", "--warmup-epochs", "0", "--knn-train-size", "5000",
-        "--knn-test-size", "5000", "--knn-every", "0", "--out", "runs/demo"]
+        "--knn-test-size", "5000", "--knn-every", "0", "--interp", "linear", "--out", "runs/demo"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import build_backbone
+from ..models.vit import DropPath
 
 
 class Method(nn.Module):
@@ -33,7 +34,7 @@ class Method(nn.Module):
         return crop_scale_kwargs(cfg, "scale")
 
     def param_groups(self, cfg) -> list[dict]:
-        return split_decay(self.named_parameters())
+        return split_decay(self.named_parameters(), decay_all=bool(cfg.decay_all))
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
@@ -49,25 +50,38 @@ class Method(nn.Module):
 
 
 # ----------------------------------------------------------------------------- building
-def crop_scale_kwargs(cfg, name: str) -> dict:
-    """{name: --crop-scale} for the recipe, or {} to keep the paper's range."""
-    if cfg.crop_scale is None:
+def crop_scale_kwargs(cfg, name: str, field: str = "crop_scale") -> dict:
+    """{name: cfg.<field>} (--crop-scale, or DINO's --local-crop-scale) for the recipe, or {}
+    to keep the paper's range."""
+    value = getattr(cfg, field)
+    if value is None:
         return {}
-    lo, hi = cfg.crop_scale
+    lo, hi = value
     if not 0 < lo <= hi <= 1:
-        raise ValueError(f"--crop-scale must be two area fractions 0 < MIN <= MAX <= 1, "
+        flag = "--" + field.replace("_", "-")
+        raise ValueError(f"{flag} must be two area fractions 0 < MIN <= MAX <= 1, "
                          f"got {lo} {hi}")
     return {name: (float(lo), float(hi))}
 
 
-def split_decay(named_params, **extra) -> list[dict]:
-    """Two groups: weights with decay, and biases/norm parameters (ndim <= 1) without."""
+def recipe_is_default(cfg, cls) -> bool:
+    """True unless --aug picked another recipe than the method's own."""
+    return cfg.aug in (None, cls.recipe)
+
+
+def split_decay(named_params, *, decay_all: bool = False, **extra) -> list[dict]:
+    """Two groups: weights, and biases/norm parameters (ndim <= 1).
+
+    The second group is exempt from weight decay (BYOL, SimCLR, DINO, MAE), or with
+    decay_all=True decayed like the weights (official MoCo v1/v2, SimSiam and MoCo v3's
+    AdamW put every parameter under weight decay). LARS skips it either way, both its trust
+    ratio and its decay (MoCo v3's LARS, BYOL and SimCLR exclude biases and norms)."""
     decay, no_decay = [], []
     for name, p in named_params:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    groups = [dict(params=decay, **extra), dict(params=no_decay, apply_wd=False,
+    groups = [dict(params=decay, **extra), dict(params=no_decay, apply_wd=decay_all,
                                                 lars_exclude=True, **extra)]
     return [g for g in groups if g["params"]]
 
@@ -81,16 +95,29 @@ def build_encoder(cfg, **kw) -> nn.Module:
 
     Small images (<= 64 px): ViTs default to patch 4, ResNets to the CIFAR stem (3x3 conv,
     no max-pool); --cifar-stem / --no-cifar-stem choose the ResNet stem explicitly.
-    --grad-ckpt turns on activation checkpointing in ViT blocks.
+    --grad-ckpt turns on activation checkpointing in ViT blocks; --drop-path and --vit-init
+    apply to ViTs, --zero-init-residual to ResNets (each a ValueError for the other family).
+    This is the trained encoder: its momentum / target / teacher copies (frozen_copy) never
+    drop paths.
     """
     small = bool(cfg.img_size) and cfg.img_size <= 64
     cifar_stem = cfg.cifar_stem
     if is_vit(cfg.arch):
-        if cifar_stem is not None:
-            raise ValueError(f"--cifar-stem applies to ResNets only, not --arch {cfg.arch}")
+        # a flag that would act on the other family is an error, not silently dropped
+        for flag, acts in (("--cifar-stem", cifar_stem is not None),
+                           ("--zero-init-residual", bool(cfg.zero_init_residual))):
+            if acts:
+                raise ValueError(f"{flag} applies to ResNets only, not --arch {cfg.arch}")
         kw.setdefault("patch_size", cfg.patch_size or (4 if small else None))
+        kw.setdefault("drop_path", cfg.drop_path or 0.0)
+        kw.setdefault("init", cfg.vit_init or "xavier")
     else:
+        for flag, acts in (("--drop-path", bool(cfg.drop_path)),
+                           ("--vit-init", cfg.vit_init not in (None, "xavier"))):
+            if acts:
+                raise ValueError(f"{flag} applies to ViTs only, not --arch {cfg.arch}")
         kw.setdefault("cifar_stem", small if cifar_stem is None else cifar_stem)
+        kw.setdefault("zero_init_residual", bool(cfg.zero_init_residual))
     net = build_backbone(cfg.arch, img_size=cfg.img_size, in_chans=cfg.in_chans, **kw)
     if cfg.grad_ckpt and hasattr(net, "set_grad_checkpointing"):
         net.set_grad_checkpointing(True)
@@ -98,10 +125,16 @@ def build_encoder(cfg, **kw) -> nn.Module:
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy that gets no gradient (momentum / target / teacher encoder)."""
+    """A deep copy that gets no gradient (momentum / target / teacher encoder).
+
+    Its stochastic depth is off: DINO's teacher (and every official EMA branch) runs the
+    whole network; only the trained student drops paths."""
     twin = copy.deepcopy(module)
     for p in twin.parameters():
         p.requires_grad_(False)
+    for m in twin.modules():
+        if isinstance(m, DropPath):
+            m.p = 0.0
     return twin
 
 

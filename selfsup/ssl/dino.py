@@ -10,8 +10,11 @@ student, only the 2 global views through the teacher:
     c <- 0.9 c + 0.1 mean(t)   after the loss   fused: selfsup.kernels.DINOLoss
 
 tau_s = 0.1; tau_t warms up 0.04 -> 0.07 over 30 epochs; weight decay 0.04 -> 0.4 (cosine);
-gradient clip 3.0; the head's last layer is frozen during the first epoch. Collapse shows as
-a loss stuck at ln K (uniform) or a teacher entropy -> 0 (one prototype): both are logged.
+each gradient tensor clipped to norm 3.0 (--clip-mode per-param), then the head's last layer
+frozen during the first epoch. ViT student: stochastic depth 0.1 (the teacher none),
+trunc-normal 0.02 init, bicubic crops. ResNet: SyncBatchNorm under DDP on CUDA. Collapse
+shows as a loss stuck at ln K (uniform) or a teacher entropy -> 0 (one prototype): both are
+logged.
 """
 
 from __future__ import annotations
@@ -45,13 +48,15 @@ def multicrop_forward(backbone, head, views: list[torch.Tensor]) -> torch.Tensor
 
 class DINO(Method):
     recipe: ClassVar[str] = "dino"
+    sync_bn: ClassVar[bool] = True  # official DINO converts ResNet student and teacher
 
     def __init__(self, cfg) -> None:
         super().__init__()
         vit = is_vit(cfg.arch)
         self.backbone = build_encoder(cfg, **({"pos_embed": "learned"} if vit else {}))
         self.head = DINOHead(self.backbone.feature_dim, cfg.out_dim, hidden_dim=cfg.proj_hidden,
-                             bottleneck_dim=cfg.proj_dim)
+                             bottleneck_dim=cfg.proj_dim,
+                             norm_last_layer=cfg.norm_last_layer is not False)
         self.t_backbone, self.t_head = frozen_copy(self.backbone), frozen_copy(self.head)
         self.criterion = DINOLoss(cfg.out_dim, student_temp=cfg.temperature,
                                   teacher_temp=cfg.teacher_temp,
@@ -62,26 +67,39 @@ class DINO(Method):
                                                    cfg.teacher_temp)
         self.freeze_steps = round(cfg.freeze_last_layer_epochs * spe)
         self.base_momentum = self.momentum = cfg.ema_momentum
-        # The step lives in a buffer so a resumed run picks the right teacher temperature.
+        # The step lives in a buffer so a resumed run picks the right teacher temperature;
+        # forward reads a Python copy (reading the buffer would sync the device every step),
+        # re-read from the buffer once after a load_state_dict.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._step: int | None = 0
+        self.register_load_state_dict_post_hook(DINO._forget_step)
+
+    @staticmethod
+    def _forget_step(module, incompatible_keys) -> None:
+        module._step = None
 
     @classmethod
     def preset(cls, arch):
+        vit = dict(drop_path=0.1, vit_init="trunc_normal") if is_vit(arch) else {}
         return dict(optimizer="adamw", blr=5e-4, wd=0.04, wd_end=0.4, clip_grad=3.0,
-                    min_lr=1e-6, warmup_epochs=10, epochs=100, temperature=0.1,
-                    warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
-                    ema_momentum=0.996, out_dim=65536, proj_hidden=2048, proj_dim=256,
-                    n_local=8, freeze_last_layer_epochs=1, center_momentum=0.9)
+                    clip_mode="per-param", min_lr=1e-6, warmup_epochs=10, epochs=100,
+                    temperature=0.1, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                    warmup_teacher_temp_epochs=30, ema_momentum=0.996, out_dim=65536,
+                    proj_hidden=2048, proj_dim=256, n_local=8, freeze_last_layer_epochs=1,
+                    center_momentum=0.9, norm_last_layer=True, **vit)
 
     @classmethod
     def recipe_kwargs(cls, cfg) -> dict:
-        return {"n_local": cfg.n_local, **crop_scale_kwargs(cfg, "global_scale")}
+        return {"n_local": cfg.n_local, **crop_scale_kwargs(cfg, "global_scale"),
+                **crop_scale_kwargs(cfg, "local_scale", "local_crop_scale")}
 
     def forward(self, views: list[torch.Tensor]) -> dict:
         s = multicrop_forward(self.backbone, self.head, views)
         with torch.no_grad():
             t = self.t_head(self.t_backbone(torch.cat(views[:2])))
-        tau_t = float(self.teacher_temps[min(int(self.step), len(self.teacher_temps) - 1)])
+        if self._step is None:  # once after a resume
+            self._step = int(self.step)
+        tau_t = float(self.teacher_temps[min(self._step, len(self.teacher_temps) - 1)])
         loss = self.criterion(s, t, teacher_temp=tau_t)
         stats = self.criterion.last_stats
         return {"loss": loss, "teacher_entropy": stats["teacher_entropy"], "kl": stats["kl"],
@@ -104,6 +122,7 @@ class DINO(Method):
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
         self.step.fill_(step + 1)
+        self._step = step + 1
         self.momentum = momentum_at(self.base_momentum, step + 1, total_steps)
         ema_update(self.t_backbone, self.backbone, self.momentum)
         ema_update(self.t_head, self.head, self.momentum)

@@ -8,8 +8,8 @@ position embedding and predicts the pixels of every patch. The loss is the per-p
 against the (per-patch normalized, with norm_pix) target, averaged over the masked patches
 only (`masked_patch_loss`, fused, gradient computed in the same pass).
 
-AdamW (0.9, 0.95), blr 1.5e-4, weight decay 0.05, 40 warm-up epochs. For small images
-(<= 64 px) the decoder defaults to 2 x 128.
+AdamW (0.9, 0.95), blr 1.5e-4, weight decay 0.05, 40 warm-up epochs, bicubic crops. For small
+images (<= 64 px) the decoder defaults to 2 x 128.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ class MAE(Method):
         if not is_vit(cfg.arch):
             raise ValueError(f"MAE needs a ViT backbone (--arch vit_*), got --arch {cfg.arch}")
         self.backbone = build_encoder(cfg)
-        # The loss never reaches the cls token (it only attends), so MAE's features are the
-        # mean of the patch tokens, as in its fine-tuning recipe (global_pool=True).
+        # The cls token is trained (the patch tokens attend to it in the encoder and the
+        # decoder, so the loss reaches it), but no loss term reads it as an image feature;
+        # MAE's features are the mean of the patch tokens, as in its fine-tuning recipe
+        # (global_pool=True).
         self.backbone.global_pool = "avg"
         small = cfg.img_size <= 64
         dec_dim = cfg.decoder_dim or (128 if small else 512)

@@ -7,7 +7,10 @@ He et al. 2020 (v1), Chen et al. 2020 (v2). Per step, for two views x_q, x_k:
     loss = CE([q.k, q.queue^T] / T, 0)   fused: selfsup.kernels.info_nce_queue
     queue <- enqueue(all_gather(k))      ring buffer, any batch size (MoCoQueue)
 
-v2 = v1 + a 2-layer MLP head, T = 0.2, stronger augmentation, cosine lr.
+v1: SGD lr 0.03 x batch/256, x0.1 at epochs 120 and 160 of 200 (--lr-schedule step).
+v2 = v1 + a 2-layer MLP head, T = 0.2, stronger augmentation, cosine lr. Both decay every
+parameter (biases and BN too), as the official code. The initial random queue is the same on
+every rank (engine.distributed broadcasts rank 0's state when wrapping).
 
 Shuffle BN: BatchNorm statistics of a sub-batch leak which samples share it, so the key
 encoder sees its batch shuffled across GPUs and unshuffles its outputs. Across ranks this is
@@ -57,10 +60,11 @@ class MoCo(Method):
 
     @classmethod
     def preset(cls, arch):
+        v1 = dict(lr_schedule="step", lr_milestones=(120.0, 160.0)) if cls.version == 1 else {}
         return dict(temperature=0.07 if cls.version == 1 else 0.2, queue_size=65536,
                     ema_momentum=0.999, proj_dim=128,
                     optimizer="sgd", blr=0.03, wd=1e-4, momentum=0.9, epochs=200,
-                    shuffle_bn=True)
+                    shuffle_bn=True, decay_all=True, **v1)
 
     # ------------------------------------------------------------------ encoders
     def query(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,10 @@ For two views x1, x2 (N local rows on each of W ranks):
     loss = ctr(q1, k2) + ctr(q2, k1)          fused: selfsup.kernels.info_nce_batch
 
 ViT: the patch projection is frozen at its random init (gradient spikes start there) and the
-position embedding is fixed 2D sin-cos. T = 0.2 for ViT, 1.0 for ResNet.
+position embedding is fixed 2D sin-cos. T = 0.2 for ViT, 1.0 for ResNet. As the official code:
+BYOL's asymmetric augmentation, crops of 0.08-1 for ViT and 0.2-1 for ResNet (CONFIG.md's
+--crop-min=.2), no bias in any MLP Linear, weight decay on every parameter (AdamW; its LARS
+skips biases and norms), ResNets with zero-init residuals.
 """
 
 from __future__ import annotations
@@ -25,15 +28,17 @@ from .common import (
     Method,
     build_encoder,
     collapse_stats,
+    crop_scale_kwargs,
     ema_update,
     frozen_copy,
     is_vit,
     momentum_at,
+    recipe_is_default,
 )
 
 
 class MoCoV3(Method):
-    recipe: ClassVar[str] = "mocov2"
+    recipe: ClassVar[str] = "byol"
     sync_bn: ClassVar[bool] = True
 
     def __init__(self, cfg) -> None:
@@ -43,20 +48,28 @@ class MoCoV3(Method):
         self.backbone = build_encoder(cfg, **({"frozen_patch_embed": True} if vit else {}))
         d, hid, out = self.backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim
         # Projector: 3 layers for ViT, 2 for ResNet, last BN without affine; predictor: 2.
+        bias = cfg.mlp_bias is not False
         self.projector = MLP(d, hid, out, 3 if vit else 2, bn=True, last_bn=True,
-                             last_bn_affine=False)
-        self.predictor = MLP(out, cfg.pred_hidden, out, 2, bn=True)
+                             last_bn_affine=False, bias=bias)
+        self.predictor = MLP(out, cfg.pred_hidden, out, 2, bn=True, bias=bias)
         self.m_backbone, self.m_projector = frozen_copy(self.backbone), frozen_copy(self.projector)
         self.momentum = self.base_momentum
 
     @classmethod
     def preset(cls, arch):
-        common = dict(ema_momentum=0.99, proj_hidden=4096, proj_dim=256, pred_hidden=4096)
+        common = dict(ema_momentum=0.99, proj_hidden=4096, proj_dim=256, pred_hidden=4096,
+                      mlp_bias=False, decay_all=True)
         if is_vit(arch):
             return dict(common, temperature=0.2, optimizer="adamw", blr=1.5e-4, wd=0.1,
                         warmup_epochs=40, epochs=300)
         return dict(common, temperature=1.0, optimizer="lars", blr=0.6, wd=1e-6,
-                    warmup_epochs=10, epochs=100)
+                    warmup_epochs=10, epochs=100, zero_init_residual=True)
+
+    @classmethod
+    def recipe_kwargs(cls, cfg) -> dict:
+        if cfg.crop_scale is None and not is_vit(cfg.arch) and recipe_is_default(cfg, cls):
+            return {"scale": (0.2, 1.0)}  # the official ResNet-50 commands: --crop-min=.2
+        return crop_scale_kwargs(cfg, "scale")
 
     def ctr(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         k_all = dist.all_gather_nograd(k)

@@ -6,7 +6,9 @@ layer, the output BN without affine), p = h(z) (predictor 2048 -> 512 -> 2048):
     L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2,   D(p, z) = -mean cos(p, z)
 
 Without the stop-gradient the model collapses (loss -1, output std -> 0): the collapse monitor
-watches std(normalize(z)), healthy near 1/sqrt(d). The predictor keeps a fixed lr.
+watches std(normalize(z)), healthy near 1/sqrt(d). The predictor keeps a fixed lr. As the
+official code: the projector's hidden width is the backbone's (2048 for ResNet-50; --proj-hidden
+sets another), weight decay on every parameter, zero-init residuals.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from ..models.heads import MLP
-from .common import Method, build_encoder, collapse_stats, cosine_loss, split_decay
+from .common import Method, build_encoder, collapse_stats, cosine_loss, is_vit, split_decay
 
 
 class SimSiam(Method):
@@ -26,14 +28,16 @@ class SimSiam(Method):
     def __init__(self, cfg) -> None:
         super().__init__()
         self.backbone = build_encoder(cfg)
-        d, hid, out = self.backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim
+        d, out = self.backbone.feature_dim, cfg.proj_dim
+        hid = cfg.proj_hidden or d  # official: the backbone's width
         self.projector = MLP(d, hid, out, 3, bn=True, last_bn=True, last_bn_affine=False)
         self.predictor = MLP(out, cfg.pred_hidden, out, 2, bn=True)
 
     @classmethod
     def preset(cls, arch):
-        return dict(optimizer="sgd", blr=0.05, wd=1e-4, momentum=0.9, proj_hidden=2048,
-                    proj_dim=2048, pred_hidden=512, epochs=100)
+        return dict(optimizer="sgd", blr=0.05, wd=1e-4, momentum=0.9, proj_hidden=None,
+                    proj_dim=2048, pred_hidden=512, epochs=100, decay_all=True,
+                    zero_init_residual=not is_vit(arch))
 
     def forward(self, views: list[torch.Tensor]) -> dict:
         z1 = self.projector(self.backbone(views[0]))
@@ -45,5 +49,7 @@ class SimSiam(Method):
     def param_groups(self, cfg) -> list[dict]:
         enc = [(n, p) for n, p in self.named_parameters() if not n.startswith("predictor.")]
         # The paper's fixed-lr predictor: the cosine schedule does not apply to it.
-        return split_decay(enc) + split_decay(self.predictor.named_parameters(),
-                                              fixed_lr=True, name="predictor")
+        decay_all = bool(cfg.decay_all)
+        return (split_decay(enc, decay_all=decay_all)
+                + split_decay(self.predictor.named_parameters(), decay_all=decay_all,
+                              fixed_lr=True, name="predictor"))
