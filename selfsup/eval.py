@@ -79,6 +79,7 @@ def progress(loader, what: str, stream=None, every: float = 2.0):
     """Iterate `loader`, writing "what: done/total images, img/s, ETA" to stderr about every
     `every` seconds and at the end. The time counted includes the caller's work per batch."""
     stream = stream or sys.stderr
+    tty = getattr(stream, "isatty", lambda: False)()  # a terminal: one line, rewritten
     total, done = loader.num_samples, 0
     t0 = last = time.perf_counter()
     for views, y in loader:
@@ -89,8 +90,9 @@ def progress(loader, what: str, stream=None, every: float = 2.0):
             last = now
             rate = done / max(now - t0, 1e-9)
             eta = (total - done) / rate if rate > 0 else 0.0
-            stream.write(f"{what}: {done}/{total} images, {rate:.0f} img/s, "
-                         f"ETA {_clock(eta)}\n")
+            line = f"{what}: {done}/{total} images, {rate:.0f} img/s, ETA {_clock(eta)}"
+            end = "\n" if not tty or done >= total else ""
+            stream.write(("\r" + line.ljust(72) if tty else line) + end)
             stream.flush()
 
 
