@@ -312,6 +312,11 @@ def render() -> str:
            "the paper. A row marked **differs** is one where the preset is not the official "
            "value (the paper's where the official code agrees).",
            "",
+           "```bash",
+           "python -m selfsup.recipes_doc          # rewrite this file from the presets",
+           "python -m selfsup.recipes_doc --check  # exit 1 when it is out of date",
+           "```",
+           "",
            "Flags to change each setting are the Config fields (`python train.py --help`); the "
            "augmentation recipe of any method can be chosen with `--aug`. The quality rows of "
            "bench/quality.py pin the pre-issue-25 behaviour with explicit flags (its `PIN`).",
