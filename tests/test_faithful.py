@@ -419,3 +419,9 @@ def test_docs_recipes_shows_each_method_and_marks_differences(monkeypatch):
     old = cls.preset
     monkeypatch.setattr(cls, "preset", classmethod(lambda c, arch: {**old(arch), "wd": 1e-4}))
     assert "| weight decay | 0.0001 **differs** |" in recipes_doc.render()
+
+
+def test_aug_names_a_training_recipe():
+    with pytest.raises(ValueError, match="--aug must be one of"):
+        recipe_name(config("byol", "--aug", "imagenet"), method_class("byol"))
+    assert recipe_name(config("mocov3", "--aug", "mocov2"), method_class("mocov3")) == "mocov2"

@@ -76,6 +76,11 @@ def make_train_loader(cfg: Config, recipe: str, recipe_kwargs: dict):
 
 def recipe_name(cfg: Config, cls) -> str:
     """--aug when given (e.g. to rerun a recorded row on its old recipe), else the method's."""
+    from ..data.recipes import RECIPES
+
+    if cfg.aug is not None and (cfg.aug not in RECIPES or cfg.aug == "eval"):
+        names = sorted(set(RECIPES) - {"eval"})
+        raise ValueError(f"--aug must be one of {names}, got {cfg.aug!r}")
     return cfg.aug or cls.recipe
 
 
