@@ -184,9 +184,12 @@ def make_loaders(s: dict, cfg, rank: int = 0, world: int = 1):
     data = s["data"] or cfg.data
     train = subset(load_dataset(data, "train"), s["train_size"], s["seed"])
     test = subset(load_dataset(s["test_data"] or data, "test"), s["test_size"], s["seed"])
-    if len(train.classes) != len(test.classes):
-        raise DatasetError(f"train set has {len(train.classes)} classes, the test set "
-                           f"{len(test.classes)}")
+    if len(train.classes) < 2:
+        raise DatasetError(f"fine-tuning needs labelled images of >= 2 classes (one subfolder "
+                           f"per class); {data} has {len(train.classes)}")
+    if list(train.classes) != list(test.classes):  # else label i means two different things
+        raise DatasetError(f"the train and test sets name different classes: "
+                           f"{list(train.classes)[:5]}... vs {list(test.classes)[:5]}...")
     kw = dict(img_size=cfg.img_size, in_chans=cfg.in_chans, seed=s["seed"],
               device=s["data_device"], num_threads=s["workers"])
     # MAE's fine-tuning crop + flip (the "mae" recipe: scale range, ratio 3/4-4/3, flip 0.5)

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from selfsup import finetune
+from selfsup.data.datasets import load_dataset
 from selfsup.engine.config import build_parser, resolve
 from selfsup.engine.finetune_utils import (
     Classifier,
@@ -380,6 +382,13 @@ def test_bad_input_gives_clear_errors(mae_run, byol_run, tmp_path, capsys):
     assert rc == 2 and "--crop-scale" in err
     rc, _, err = tune(["--checkpoint", mae_run, "--layer-decay", "1.5", *TUNE], capsys)
     assert rc == 2 and "--layer-decay" in err
+    images = load_dataset("fashion-mnist-sample", "test").images[:4]
+    for split in ("train", "test"):  # one class: nothing to classify
+        (tmp_path / "folder" / split / "only").mkdir(parents=True)
+        for i, img in enumerate(images):
+            Image.fromarray(img).save(tmp_path / "folder" / split / "only" / f"{i}.png")
+    rc, _, err = tune(["--checkpoint", mae_run, "--data", tmp_path / "folder", *TUNE], capsys)
+    assert rc == 2 and ">= 2 classes" in err
 
 
 # ----------------------------------------------------------------------------- torchrun
