@@ -61,6 +61,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--state", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--killed", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--warm", help=argparse.SUPPRESS)  # "I/N": a compile warm-up process
     args = p.parse_args(argv)
     args.sections = [s for s in SECTIONS if s in args.sections.split(",")]
     if not args.sections:
@@ -95,7 +96,7 @@ def _inject_fault(key: str) -> None:
 
 def worker(args) -> int:
     import torch
-    from gpucheck import bench, kernels, train
+    from gpucheck import bench, kernels, train, warmup
     from gpucheck.common import Context, environment, error_row, fatal_cuda_error
 
     state = read_json(args.state)
@@ -109,7 +110,7 @@ def worker(args) -> int:
     if args.dry_run:  # many tiny ops: one thread is several times faster on a busy machine
         torch.set_num_threads(1)
     ctx = Context(args.dry_run, device, results=state.setdefault("results", {}))
-    builders = {"kernels": kernels.cases, "bench": bench.cases,
+    builders = {"kernels": lambda c: kernels.cases(c, warmup.case(c)), "bench": bench.cases,
                 "train": lambda c: train.cases(c, replay=not args.no_replay)}
     sections = {s: builders[s](ctx) for s in args.sections}
     state["plan"] = {s: [c.id for c in cases] for s, cases in sections.items()}
@@ -121,7 +122,7 @@ def worker(args) -> int:
             now = time.time()
             share = SECTIONS[name] / sum(SECTIONS[s] for s in args.sections[i:])
             deadlines[name] = now + share * max(0.0, args.deadline - now)
-        end = min(deadlines[name], args.deadline)
+        end = ctx.section_end = min(deadlines[name], args.deadline)
         rows = state["results"].setdefault(name, {})
         for case in cases:
             if case.id in rows or case.id in killed.get(name, {}):
@@ -290,8 +291,23 @@ def supervise(args) -> int:
     return 1 if bad else 0
 
 
+def warm(args) -> int:
+    """One compile warm-up process (gpucheck/warmup.py): its share of the Triton paths."""
+    import torch
+    from gpucheck import warmup
+    from gpucheck.common import Context
+
+    if args.dry_run:
+        torch.set_num_threads(1)
+    index, count = (int(x) for x in args.warm.split("/"))
+    ctx = Context(args.dry_run, torch.device("cpu" if args.dry_run else "cuda"))
+    return 1 if warmup.run_share(ctx, index, count) else 0
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.warm:
+        return warm(args)
     if args.worker:
         return worker(args)
     return supervise(args)

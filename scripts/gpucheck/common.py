@@ -40,6 +40,7 @@ class Context:
     dry_run: bool
     device: torch.device
     results: dict = field(default_factory=dict)  # section -> case id -> row (so far)
+    section_end: float | None = None  # wall-clock end of the running section's budget
 
     @property
     def cuda(self) -> bool:

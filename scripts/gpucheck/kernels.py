@@ -96,15 +96,15 @@ def make_loss(s, d):
 # op name -> (ours, reference, input maker, {shape name: (GPU shape, dry-run shape)})
 OPS = {
     "info_nce_queue": (K.info_nce_queue, K.info_nce_queue_ref, make_queue, {
-        "odd": (dict(N=37, C=100, K=1000, T=0.04), dict(N=7, C=20, K=50, T=0.04)),
+        "odd": (dict(N=37, C=100, K=1000, T=0.04), dict(N=13, C=40, K=100, T=0.04)),
         "prod": (dict(N=256, C=128, K=65536, T=0.2), dict(N=16, C=32, K=256, T=0.2))}),
     "info_nce_batch": (K.info_nce_batch, K.info_nce_batch_ref, make_batch, {
         "odd": (dict(N=37, M=131, C=100, offset=50, T=0.04),
-                dict(N=7, M=11, C=20, offset=3, T=0.04)),
+                dict(N=13, M=21, C=40, offset=5, T=0.04)),
         "prod": (dict(N=1024, M=4096, C=256, offset=1024, T=0.2),
                  dict(N=16, M=32, C=32, offset=16, T=0.2))}),
     "nt_xent": (K.nt_xent, K.nt_xent_ref, make_nt_xent, {
-        "odd": (dict(N=37, C=100, T=0.04), dict(N=7, C=20, T=0.04)),
+        "odd": (dict(N=37, C=100, T=0.04), dict(N=13, C=40, T=0.04)),
         "prod": (dict(N=4096, C=128, T=0.1), dict(N=16, C=32, T=0.1))}),
     "dino_loss": (K.dino_loss, K.dino_loss_ref, make_dino, {
         "odd": (dict(B=3, V=5, G=2, K=1000, ts=0.1, tt=0.04),
@@ -237,11 +237,28 @@ def check(ctx: Context, op: str, dtype_name: str, shape_name: str) -> dict:
             "seed": seed, "checks": checks}
 
 
+def warm(ctx: Context, op: str, dtype_name: str, shape_name: str) -> None:
+    """Run only our op, forward and backward, so Triton compiles (and caches) its kernels."""
+    ours_fn, _, make, shapes = OPS[op]
+    inp = make(shapes[shape_name][1 if ctx.dry_run else 0], ctx.device)
+    args = _cast(inp, DTYPES[dtype_name], "ours")
+    with kernels_backend("triton"):
+        out = ours_fn(*args, **inp.kwargs)  # the output's shape, for a tensor upstream
+        up = UPSTREAM if out.dim() == 0 else torch.randn_like(out)
+        _loss_and_grads(ours_fn, args, inp, up)
+
+
 def _shape_text(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items())
 
 
-def cases(ctx: Context) -> list[Case]:
-    return [Case(f"{op}/{dt}/{sh}", lambda op=op, dt=dt, sh=sh: check(ctx, op, dt, sh),
-                 timeout=120.0, min_s=2.0, meta={"op": op, "dtype": dt, "shape_name": sh})
-            for sh in ("odd", "prod") for op in OPS for dt in DTYPES]
+def warm_tasks() -> list[tuple]:
+    """Every (op, dtype, shape) of this section, for the parallel compile warm-up."""
+    return [(op, dt, sh) for sh in ("odd", "prod") for op in OPS for dt in DTYPES]
+
+
+def cases(ctx: Context, warm_up: Case | None = None) -> list[Case]:
+    checks = [Case(f"{op}/{dt}/{sh}", lambda op=op, dt=dt, sh=sh: check(ctx, op, dt, sh),
+                   timeout=120.0, min_s=2.0, meta={"op": op, "dtype": dt, "shape_name": sh})
+              for op, dt, sh in warm_tasks()]
+    return ([warm_up] if warm_up is not None else []) + checks

@@ -55,6 +55,11 @@ def _kernels(plan_ids, rows) -> list[str]:
              "|---|---|---|---|---|---|"]
     for cid in plan_ids:
         r = rows.get(cid, {})
+        if cid.count("/") != 2:  # the compile warm-up
+            lines.insert(4, f"{cid}: {r.get('status', 'not run')} "
+                            f"({_f(r.get('seconds'), '{:.0f}')} s) {_reason(r)}")
+            lines.insert(5, "")
+            continue
         checks = "; ".join(f"{'✓' if c['ok'] else '✗'} {c['name']} {c['ours']:.2e} / "
                            f"{c['bound']:.2e}" for c in r.get("checks", []))
         if not checks:
