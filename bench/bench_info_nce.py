@@ -107,3 +107,31 @@ def test_info_nce(benchmark, monkeypatch, impl, case, passes, threads):
             dtype=str(dtype).replace("torch.", ""), cpu_target=target)
     finally:
         torch.set_num_threads(old)
+
+
+# MoCo's queue dtype (docs/kernels-infonce.md): a bf16 run with the queue stored in bf16 (what
+# MoCo does), an fp32 queue cast to bf16 every step, and the old behaviour (fp32 queue and k:
+# everything promoted to the fp32 tf32x3 kernel).
+QUEUE_VARIANTS = ("stored-bf16", "cast-per-step", "promoted-fp32")
+
+
+@pytest.mark.parametrize("variant", QUEUE_VARIANTS)
+def test_moco_queue_dtype(benchmark, monkeypatch, variant):
+    skip_if_interpreted("triton")  # a GPU measurement: the kernels' traffic
+    dev = device()
+    monkeypatch.setenv("SELFSUP_KERNELS", "triton")
+    dims = dict(n=256, c=128, k=65536)
+    q, k, queue = inputs("queue", dims, torch.bfloat16, dev)
+    if variant != "stored-bf16":
+        queue = queue.float()
+
+    def step():
+        keys = queue.to(torch.bfloat16) if variant == "cast-per-step" else queue
+        pos = k.float() if variant == "promoted-fp32" else k
+        loss = info_nce_queue(q, pos, keys, 0.2)
+        torch.autograd.grad(loss, [q])
+        return loss
+
+    nbytes, flops, floor_us = roofline("queue", dims, "fwd+bwd", 2)
+    run(benchmark, step, impl="triton", shape=f"moco-queue-{variant}", bytes_moved=nbytes,
+        flops=flops, floor_us=floor_us, rounds=20, passes="fwd+bwd", dtype="bfloat16")
