@@ -22,18 +22,32 @@ Collapse statistics come from the same teacher pass: H = mean over teacher rows 
 meets V - 1 students, so the pair mean of H_i is the row mean). The center update needs
 colsum(T), also taken in the teacher pass.
 
-Single-pass design: the loss is a scalar, so when student_out requires grad the forward also
-writes dS (in student_out's dtype) and backward only scales it by the upstream gradient, in
-place (skipped when that gradient is exactly 1). A graph through this loss can therefore be
-backpropagated once (retain_graph double backward raises).
+Gradients and the loss scale. dS is O(1/(tau_s B n_pairs K)): ~1e-8 at K = 65536, below
+fp16's smallest subnormal (6e-8), so it must meet the upstream gradient (GradScaler's 65536)
+in fp32, before its one rounding to the input dtype. The two paths get there differently:
+- Triton recomputes dS in backward from S, T and what the forward saved: psum = sum_i P_i
+  (B, K) fp32 and the row LSEs. Chosen by traffic and memory: an fp32 dS buffer for fp16
+  would write 4 B/elem in forward, then read 4 and write 2 in backward; the old single-pass
+  bf16 design wrote dS in forward and, under GradScaler, read and wrote it again. Recompute
+  reads S (2 B) and writes dS (2 B) in backward, reads S only once in forward, and holds
+  psum (B*K*4 bytes, 1/6 of a bf16 dS at 2+10 crops) instead of dS between the passes; it
+  also makes retain_graph double backward work. The upstream gradient is read on the device.
+- the portable path keeps its single pass (recomputing would double its CPU time): the
+  forward writes dS inside its own blocks, in fp32 for fp16 inputs, and backward scales it
+  (for fp16: one fused multiply-and-round into a fresh fp16 tensor). bf16 keeps a bf16 buffer:
+  bf16 has fp32's exponent range, and multiplying by the scale afterwards costs one rounding.
 
 Paths (`choose_backend`; SELFSUP_KERNELS forces one):
-- "triton": three kernels. Teacher stats (per row: online max/sum over K tiles -> LSE of
-  the centered tempered logits and the entropy), teacher probs (tiles of B-rows x K: writes
-  sum_i P_i in fp32 and deterministic column-sum partials for the center), student (per row:
-  sweep 1 = online LSE + the cross term, sweep 2 = dS). A global view's own P_v is recomputed
-  from T (one exp) instead of being stored. fp32 accumulation, maxima subtracted, 1/tau in
-  fp32; float64 inputs run the kernels in float64 (tight float64 tests).
+- "triton": four tile-parallel kernels, each launched under the tensors' device guard.
+  Teacher stats (per (row, column tile): max, sum and entropy partials of the centered
+  tempered logits), the fused forward (per (batch rows, column tile): merges the teacher
+  partials into row LSEs, forms P_i of every teacher view, writes psum and column-sum
+  partials for the center, then takes every student view's tile partials: max, sum of
+  exponentials and <Q_v, x_v>; a global view's own P_v is recomputed from the T tile, one
+  exp, not stored), a finish kernel (student row LSEs and loss terms) and the backward.
+  fp32 accumulation, maxima subtracted, 1/tau in fp32; float64 inputs run the kernels in
+  float64 (tight float64 tests). No host sync anywhere: temperatures (floats or device
+  tensors) and the upstream gradient reach the kernels as device memory.
 - "torch": the same algebra in a custom autograd.Function over blocks of batch rows; each
   block of S is scaled, soft-maxed and turned into the gradient inside its own dS rows. Peak
   extra memory = dS + sum_i P_i (B, K) fp32 + one block (224 MiB at B=64, 2+10, K=65536 fp32,
@@ -64,6 +78,7 @@ from ._utils import (
     check_tensor,
     choose_backend,
     compute_dtype,
+    device_guard,
     next_power_of_2,
 )
 
@@ -94,6 +109,19 @@ def dino_loss_ref(student_out, teacher_out, center, *, student_temp=0.1, teacher
 
 
 # ----------------------------------------------------------------------------- validation
+def _temperature(name, value, like):
+    """A float, or a 0-d tensor on `like`'s device that is never read on the host (a CPU
+    tensor becomes a float: reading host memory waits for nothing)."""
+    tau = check_temperature(name, value, allow_tensor=True)
+    if isinstance(tau, torch.Tensor):
+        if tau.device.type == "cpu":
+            return float(tau)
+        if isinstance(like, torch.Tensor) and tau.device != like.device:
+            raise ValueError(f"{name} must be a number or a tensor on {like.device} (or the "
+                             f"CPU), got a tensor on {tau.device}")
+    return tau
+
+
 def _validate(student_out, teacher_out, center, student_temp, teacher_temp, n_global):
     """Check the inputs; return (B, V, K, tau_s, tau_t) or raise ValueError naming the arg."""
     s = check_tensor("student_out", student_out, ndim=2)
@@ -101,8 +129,8 @@ def _validate(student_out, teacher_out, center, student_temp, teacher_temp, n_gl
     c = check_tensor("center", center, ndim=(1, 2))
     if isinstance(n_global, bool) or not isinstance(n_global, int) or n_global < 1:
         raise ValueError(f"n_global must be a positive int, got {n_global!r}")
-    ts = check_temperature("student_temp", student_temp)
-    tt = check_temperature("teacher_temp", teacher_temp)
+    ts = _temperature("student_temp", student_temp, s)
+    tt = _temperature("teacher_temp", teacher_temp, s)
     k = s.shape[1]
     if k < 1:
         raise ValueError(f"student_out must have K >= 1 columns, got shape {tuple(s.shape)}")
@@ -133,208 +161,270 @@ def _validate(student_out, teacher_out, center, student_temp, teacher_temp, n_gl
 
 
 # ----------------------------------------------------------------------------- Triton kernels
-# Every kernel reads its accumulation dtype from an fp32 (fp64 for float64 inputs) pointer
-# argument, so float64 tests run the very same code in float64. params = [1/tau_s, 1/tau_t,
-# 1/(tau_s B n_pairs)] is a tiny device tensor: no recompile per temperature, exact in fp64.
+# Every kernel reads its accumulation dtype from an fp32 (fp64 for float64 inputs) pointer,
+# so float64 tests run the very same code in float64. params = [1/tau_s, 1/tau_t,
+# 1/(tau_s B n_pairs)] is a tiny device tensor filled on the device: no host sync, no
+# recompile per temperature. Every grid is tiles (rows x column tiles), thousands of programs
+# at DINO shapes: one program per row (V*B = 768 at B=64, 5 CTAs/SM) left a 1.2-wave tail on
+# an H100's 132 SMs, and 128 teacher rows filled one CTA per SM. Row statistics are merged
+# from per-tile partials (max m, sum l = sum e^(z-m), ...), like flash-decoding.
+@triton.jit
+def _merge_lse(m_ptr, l_ptr, rows, mb, n_kt, NKT: tl.constexpr):
+    # rows [R] int64 of a (rows, n_kt) partial table: M = max_j m_j, L = sum_j l_j e^(m_j - M)
+    # (rows outside mb come back as M = 0, L = 1: finite, never stored).
+    j = tl.arange(0, NKT)
+    msk = mb[:, None] & (j < n_kt)[None, :]
+    idx = rows[:, None] * n_kt + j[None, :]
+    m = tl.load(m_ptr + idx, mask=msk, other=float("-inf"))
+    mx = tl.where(mb, tl.max(m, axis=1), 0.0)
+    w = tl.where(msk, tl.exp(m - mx[:, None]), 0.0)
+    big_l = tl.sum(w * tl.load(l_ptr + idx, mask=msk, other=0.0), axis=1)
+    return mx, tl.where(mb, big_l, 1.0), w, idx, msk
+
+
 @triton.jit
 def _dino_teacher_stats_kernel(
     t_ptr, c_ptr, par_ptr,  # teacher (G*B, K) dt, center (K,) acc, params (3,) acc
-    lse_ptr, ent_ptr,  # out: per teacher row LSE of z = (t - c)/tau_t, entropy of softmax(z)
-    K, stride_t,
+    m_ptr, l_ptr, a_ptr,  # out (G*B, n_kt) acc, per (row, tile): max, sum e^(z-m), sum e^(z-m) (z-m)
+    K, stride_t, n_kt,
     BLOCK_K: tl.constexpr,
 ):
-    # One program per teacher row; K in tiles with an online max m, sum l = sum e^(z-m) and
-    # a = sum e^(z-m) (z-m):  LSE = m + log l,  H = -sum P log P = log l - a / l.
+    # z = (t - c) / tau_t on one tile. Merged over tiles: LSE = M + log L and the entropy
+    # H = -sum P log P = log L - A / L with A = sum_j e^(m_j - M) (a_j + (m_j - M) l_j).
     row = tl.program_id(0).to(tl.int64)
-    acc_ty = lse_ptr.dtype.element_ty
+    kt = tl.program_id(1)
+    acc_ty = m_ptr.dtype.element_ty
     inv_tt = tl.load(par_ptr + 1)
-    cols = tl.arange(0, BLOCK_K)
-    m = tl.full([], float("-inf"), acc_ty)
-    l = tl.zeros([], acc_ty)
-    a = tl.zeros([], acc_ty)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + cols
-        mask = offs < K
-        t = tl.load(t_ptr + row * stride_t + offs, mask=mask, other=0.0).to(acc_ty)
-        c = tl.load(c_ptr + offs, mask=mask, other=0.0)
-        z = tl.where(mask, (t - c) * inv_tt, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        alpha = tl.exp(m - m_new)  # rescales the running sums to the new max (0 at start)
-        e = tl.exp(z - m_new)
-        zs = tl.where(mask, z - m_new, 0.0)
-        # a at max m' = e^(m-m') (a + (m - m') l); guarded since (-inf) * 0 is nan at start
-        a = alpha * (a + tl.where(l > 0, m - m_new, 0.0) * l) + tl.sum(e * zs, axis=0)
-        l = alpha * l + tl.sum(e, axis=0)
-        m = m_new
-    log_l = tl.log(l)
-    tl.store(lse_ptr + row, m + log_l)
-    tl.store(ent_ptr + row, log_l - a / l)
-
-
-_T_SIG = {"t_ptr": "*{dt}", "c_ptr": "*fp32", "par_ptr": "*fp32", "lse_ptr": "*fp32",
-          "ent_ptr": "*fp32", "K": "i32", "stride_t": "i32", "BLOCK_K": "constexpr"}
-TEACHER_BLOCK_K, TEACHER_WARPS = 2048, 8
-register_kernel(
-    _dino_teacher_stats_kernel,
-    signature=_T_SIG,
-    configs=[KernelConfig(f"{dt} BLOCK_K={TEACHER_BLOCK_K}", {"BLOCK_K": TEACHER_BLOCK_K},
-                          types={"dt": dt}, num_warps=TEACHER_WARPS, num_stages=2,
-                          default=dt == "bf16") for dt in ("bf16", "fp16", "fp32")],
-)
+    offs = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    t = tl.load(t_ptr + row * stride_t + offs, mask=mask, other=0.0).to(acc_ty)
+    c = tl.load(c_ptr + offs, mask=mask, other=0.0)
+    z = tl.where(mask, (t - c) * inv_tt, float("-inf"))
+    m = tl.max(z, axis=0)  # finite: every tile holds >= 1 column
+    zs = tl.where(mask, z - m, 0.0)
+    e = tl.where(mask, tl.exp(zs), 0.0)
+    out = row * n_kt + kt
+    tl.store(m_ptr + out, m)
+    tl.store(l_ptr + out, tl.sum(e, axis=0))
+    tl.store(a_ptr + out, tl.sum(e * zs, axis=0))
 
 
 @triton.jit
-def _dino_teacher_probs_kernel(
-    t_ptr, c_ptr, par_ptr, lse_ptr,  # teacher (G*B, K) dt, center, params, teacher-row LSE
-    psum_ptr, colsum_ptr,  # out: sum_i P_i (B, K) acc; column-sum partials (cdiv(B, BB), K)
-    B, K, G, stride_t,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+def _dino_fwd_kernel(
+    s_ptr, t_ptr, c_ptr, par_ptr,  # student (V*B, K) dt, teacher (G*B, K) dt, center, params
+    tm_ptr, tsum_ptr, ta_ptr,  # teacher tile partials (G*B, n_kt_t) from the stats kernel
+    lse_t_ptr, ent_ptr,  # out (G*B,) acc: teacher-row LSE (for backward), entropy
+    psum_ptr, colsum_ptr,  # out: sum_i P_i (B, K) acc; column-sum partials (n_bp, K) acc
+    sm_ptr, ssum_ptr, sd_ptr,  # out (V*B, n_kt) acc: student tile max, sum e^(x-m), <Q, x>
+    B, K, V, G, stride_s, stride_t, n_kt_t, n_kt, rows_per_prog,
+    NKT_T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Program (batch block, column tile): P_i = exp(z_i - LSE_i) for each teacher view i of
-    # these batch rows, summed over i; the raw teacher rows are summed over the block for the
-    # center. Partials are reduced by the launcher in a fixed order: deterministic.
+    # Program (batch rows pid_b*R .. +R, column tile pid_k), R = rows_per_prog in sub-blocks
+    # of BLOCK_B. For each sub-block: P_i = exp(z_i - LSE_i) of every teacher view i, summed
+    # to psum (written once, for the backward) and kept in registers while all V student
+    # views of these rows take their tile partials with Q_v = psum - [v < G] P_v (P_v
+    # recomputed from the teacher tile, which is in L1/L2 by then). So the teacher probs and
+    # the student sweep share one read of psum and T, and the center's column sums are
+    # reduced over R rows before their single write (partials: cdiv(B, R) x K).
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
     acc_ty = psum_ptr.dtype.element_ty
+    inv_ts = tl.load(par_ptr)
     inv_tt = tl.load(par_ptr + 1)
+    k_offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mk = k_offs < K
+    c = tl.load(c_ptr + k_offs, mask=mk, other=0.0)
+    csum = tl.zeros([BLOCK_K], acc_ty)
+    for r0 in range(0, rows_per_prog, BLOCK_B):
+        b_offs = pid_b * rows_per_prog + r0 + tl.arange(0, BLOCK_B)
+        mb = b_offs < B
+        mask = mb[:, None] & mk[None, :]
+        psum = tl.zeros([BLOCK_B, BLOCK_K], acc_ty)
+        for i in range(G):
+            trows = (i * B + b_offs).to(tl.int64)
+            mx, big_l, w, idx, msk = _merge_lse(tm_ptr, tsum_ptr, trows, mb, n_kt_t, NKT_T)
+            log_l = tl.log(big_l)
+            lse = mx + log_l
+            if pid_k == 0:  # entropy and LSE of each teacher row, written once
+                # (a branch, not a masked store: computed in every program, this spilled 8
+                # bytes on sm_90 under triton 3.6)
+                a = tl.load(ta_ptr + idx, mask=msk, other=0.0)
+                m_j = tl.load(tm_ptr + idx, mask=msk, other=0.0)
+                l_j = tl.load(tsum_ptr + idx, mask=msk, other=0.0)
+                big_a = tl.sum(tl.where(msk, w * (a + (m_j - mx[:, None]) * l_j), 0.0), axis=1)
+                tl.store(lse_t_ptr + trows, lse, mask=mb)
+                tl.store(ent_ptr + trows, log_l - big_a / big_l, mask=mb)
+            t = tl.load(t_ptr + trows[:, None] * stride_t + k_offs[None, :], mask=mask,
+                        other=0.0).to(acc_ty)
+            p = tl.exp((t - c[None, :]) * inv_tt - lse[:, None])
+            psum += tl.where(mask, p, 0.0)
+            csum += tl.sum(t, axis=0)  # masked lanes loaded as 0
+        out = b_offs.to(tl.int64)[:, None] * K + k_offs[None, :]
+        tl.store(psum_ptr + out, psum, mask=mask)
+        for v in range(V):
+            srows = (v * B + b_offs).to(tl.int64)  # = the teacher row of v when v < G
+            x = tl.load(s_ptr + srows[:, None] * stride_s + k_offs[None, :], mask=mask,
+                        other=0.0).to(acc_ty) * inv_ts
+            q = psum
+            if v < G:  # a global view is not paired with its own teacher view
+                gm, gl, _w, _i, _m = _merge_lse(tm_ptr, tsum_ptr, srows, mb, n_kt_t, NKT_T)
+                lse_v = gm + tl.log(gl)
+                tv = tl.load(t_ptr + srows[:, None] * stride_t + k_offs[None, :], mask=mask,
+                             other=0.0).to(acc_ty)
+                pv = tl.exp((tv - c[None, :]) * inv_tt - lse_v[:, None])
+                q = psum - tl.where(mask, pv, 0.0)
+            xm = tl.where(mask, x, float("-inf"))
+            m = tl.where(mb, tl.max(xm, axis=1), 0.0)
+            part = srows * n_kt + pid_k
+            tl.store(sm_ptr + part, m, mask=mb)
+            tl.store(ssum_ptr + part, tl.sum(tl.exp(xm - m[:, None]), axis=1), mask=mb)
+            tl.store(sd_ptr + part, tl.sum(q * x, axis=1), mask=mb)  # both 0 on masked lanes
+    tl.store(colsum_ptr + pid_b.to(tl.int64) * K + k_offs, csum, mask=mk)
+
+
+@triton.jit
+def _dino_finish_kernel(
+    sm_ptr, ssum_ptr, sd_ptr,  # student tile partials (V*B, n_kt) acc
+    lse_ptr, loss_ptr,  # out (V*B,) acc: LSE of x per row (for backward); n_v LSE - <Q, x>
+    B, V, G, n_kt,
+    NKT: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mr = rows < V * B
+    r64 = rows.to(tl.int64)
+    mx, big_l, w, idx, msk = _merge_lse(sm_ptr, ssum_ptr, r64, mr, n_kt, NKT)
+    lse = mx + tl.log(big_l)
+    dot = tl.sum(tl.load(sd_ptr + idx, mask=msk, other=0.0), axis=1)
+    n_v = tl.where(rows < G * B, G - 1, G).to(lse_ptr.dtype.element_ty)
+    tl.store(lse_ptr + r64, lse, mask=mr)
+    tl.store(loss_ptr + r64, n_v * lse - dot, mask=mr)
+
+
+@triton.jit
+def _dino_bwd_kernel(
+    s_ptr, t_ptr, c_ptr, par_ptr, g_ptr,  # student, teacher, center, params, upstream (1,)
+    psum_ptr, lse_t_ptr, lse_s_ptr,  # saved by the forward: sum_i P_i (B, K), row LSEs
+    ds_ptr,  # out: dS (V*B, K) dt, contiguous
+    B, K, V, G, stride_s, stride_t,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # dS_v = (n_v softmax(x_v) - Q_v) * g / (tau_s B n_pairs), recomputed from S, T and psum.
+    # The upstream g (GradScaler's 65536) multiplies in fp32 before the one rounding to dt:
+    # entries ~1e-8 would be 0 in fp16 otherwise. psum is read once for all V views.
+    pid_b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    acc_ty = psum_ptr.dtype.element_ty
+    inv_ts = tl.load(par_ptr)
+    inv_tt = tl.load(par_ptr + 1)
+    gs = tl.load(g_ptr).to(acc_ty) * tl.load(par_ptr + 2)
     b_offs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     k_offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mb = b_offs < B
     mk = k_offs < K
     mask = mb[:, None] & mk[None, :]
     c = tl.load(c_ptr + k_offs, mask=mk, other=0.0)
-    psum = tl.zeros([BLOCK_B, BLOCK_K], acc_ty)
-    csum = tl.zeros([BLOCK_K], acc_ty)
-    for i in range(G):
-        rows = (i * B + b_offs).to(tl.int64)  # teacher view i, batch rows b_offs
-        t = tl.load(t_ptr + rows[:, None] * stride_t + k_offs[None, :], mask=mask,
-                    other=0.0).to(acc_ty)
-        lse = tl.load(lse_ptr + rows, mask=mb, other=0.0)
-        p = tl.exp((t - c[None, :]) * inv_tt - lse[:, None])
-        psum += tl.where(mask, p, 0.0)
-        csum += tl.sum(t, axis=0)  # masked lanes loaded as 0
-    out = b_offs.to(tl.int64)[:, None] * K + k_offs[None, :]
-    tl.store(psum_ptr + out, psum, mask=mask)
-    tl.store(colsum_ptr + pid_b.to(tl.int64) * K + k_offs, csum, mask=mk)
+    psum = tl.load(psum_ptr + b_offs.to(tl.int64)[:, None] * K + k_offs[None, :], mask=mask,
+                   other=0.0)
+    for v in range(V):
+        srows = (v * B + b_offs).to(tl.int64)
+        x = tl.load(s_ptr + srows[:, None] * stride_s + k_offs[None, :], mask=mask,
+                    other=0.0).to(acc_ty) * inv_ts
+        lse = tl.load(lse_s_ptr + srows, mask=mb, other=0.0)
+        q = psum
+        if v < G:
+            lse_v = tl.load(lse_t_ptr + srows, mask=mb, other=0.0)
+            tv = tl.load(t_ptr + srows[:, None] * stride_t + k_offs[None, :], mask=mask,
+                         other=0.0).to(acc_ty)
+            # masked lanes: lse_v = 0 there, and e^(-c/tau_t) can overflow the cast below
+            q = psum - tl.where(mask, tl.exp((tv - c[None, :]) * inv_tt - lse_v[:, None]), 0.0)
+        n_v = tl.where(v < G, G - 1, G).to(acc_ty)
+        ds = (n_v * tl.exp(x - lse[:, None]) - q) * gs
+        tl.store(ds_ptr + srows[:, None] * K + k_offs[None, :], ds.to(ds_ptr.dtype.element_ty),
+                 mask=mask)
 
 
-PROBS_BLOCK_B, PROBS_BLOCK_K, PROBS_WARPS = 4, 512, 4
-register_kernel(
-    _dino_teacher_probs_kernel,
-    signature={"t_ptr": "*{dt}", "c_ptr": "*fp32", "par_ptr": "*fp32", "lse_ptr": "*fp32",
-               "psum_ptr": "*fp32", "colsum_ptr": "*fp32", "B": "i32", "K": "i32", "G": "i32",
-               "stride_t": "i32", "BLOCK_B": "constexpr", "BLOCK_K": "constexpr"},
-    configs=[KernelConfig(f"{dt} {PROBS_BLOCK_B}x{PROBS_BLOCK_K}",
-                          {"BLOCK_B": PROBS_BLOCK_B, "BLOCK_K": PROBS_BLOCK_K},
-                          types={"dt": dt}, num_warps=PROBS_WARPS, num_stages=2,
-                          default=dt == "bf16") for dt in ("bf16", "fp16", "fp32")],
-)
+# Launch configurations: the launchers pass exactly these (warps and stages included), and
+# they are registered below for the production K = 65536 (the NKT constexprs follow K).
+# Forward and backward tiles are [4, 512] at 8 warps (8 elements, one 16-byte bf16 load, per
+# thread): sm_90 compiles the forward in 78 registers (occupancy 0.375) and the backward in
+# 48 (0.625), no spills; at 4 warps they took 118 and 86 (0.25, 0.31). docs/kernels-dino.md.
+STATS_BLOCK_K, STATS_WARPS, STATS_STAGES = 2048, 8, 1
+FWD_BLOCK_B, FWD_BLOCK_K, FWD_WARPS, FWD_STAGES = 4, 512, 8, 2
+FWD_PROGRAMS, FWD_MAX_ITERS = 2048, 8  # rows per program grow with B (fewer colsum partials)
+FINISH_ELEMS, FINISH_WARPS, FINISH_STAGES = 2048, 4, 1
+BWD_BLOCK_B, BWD_BLOCK_K, BWD_WARPS, BWD_STAGES = 4, 512, 8, 2
+PRODUCTION_K = 65536
+DTYPES = ("bf16", "fp16", "fp32")
 
 
-@triton.jit
-def _dino_student_kernel(
-    s_ptr, t_ptr, c_ptr, par_ptr,  # student (V*B, K) dt, teacher (G*B, K) dt, center, params
-    psum_ptr, lse_t_ptr,  # sum_i P_i (B, K) acc; teacher-row LSE (G*B,) acc
-    ds_ptr, loss_ptr,  # out: dS (V*B, K) dt (if write_grad); n_v LSE - <Q, x> per row (V*B,)
-    B, K, V, G, stride_s, stride_t, stride_ds, write_grad,
-    BLOCK_K: tl.constexpr,
-):
-    # One program per student row (v, b); the V views of one batch row are adjacent programs,
-    # so they share the P sum row in L2. x = s / tau_s in fp32,
-    # Q = sum_i P_i - [v < G] P_v (P_v recomputed from T: one exp, no stored P).
-    # sweep 1: online LSE of x and <Q, x>;  sweep 2: dS = (n_v e^(x - LSE) - Q) * scale.
-    pid = tl.program_id(0)
-    b = pid // V
-    v = pid % V
-    row = (v * B + b).to(tl.int64)
-    acc_ty = loss_ptr.dtype.element_ty
-    inv_ts = tl.load(par_ptr)
-    inv_tt = tl.load(par_ptr + 1)
-    scale = tl.load(par_ptr + 2)
-    is_g = v < G
-    n_v = tl.where(is_g, G - 1, G).to(acc_ty)
-    trow = tl.where(is_g, v * B + b, 0).to(tl.int64)  # this view's teacher row if global
-    k_g = tl.where(is_g, K, 0)  # columns to read from the teacher: none for a local view
-    lse_v = tl.load(lse_t_ptr + trow)
-    s_row = s_ptr + row * stride_s
-    t_row = t_ptr + trow * stride_t
-    q_row = psum_ptr + b.to(tl.int64) * K
-    cols = tl.arange(0, BLOCK_K)
-
-    m = tl.full([], float("-inf"), acc_ty)
-    l = tl.zeros([], acc_ty)
-    dot = tl.zeros([], acc_ty)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + cols
-        mask = offs < K
-        x = tl.load(s_row + offs, mask=mask, other=0.0).to(acc_ty) * inv_ts
-        q = tl.load(q_row + offs, mask=mask, other=0.0)
-        mg = offs < k_g  # local rows never touch the teacher
-        tv = tl.load(t_row + offs, mask=mg, other=0.0).to(acc_ty)
-        c = tl.load(c_ptr + offs, mask=mg, other=0.0)
-        q = tl.where(mg, q - tl.exp((tv - c) * inv_tt - lse_v), q)
-        dot += tl.sum(q * x, axis=0)
-        xm = tl.where(mask, x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(xm, axis=0))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(xm - m_new), axis=0)
-        m = m_new
-    lse = m + tl.log(l)
-    tl.store(loss_ptr + row, n_v * lse - dot)
-
-    if write_grad:
-        ds_row = ds_ptr + row * stride_ds
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + cols
-            mask = offs < K
-            x = tl.load(s_row + offs, mask=mask, other=0.0).to(acc_ty) * inv_ts
-            q = tl.load(q_row + offs, mask=mask, other=0.0)
-            mg = offs < k_g
-            tv = tl.load(t_row + offs, mask=mg, other=0.0).to(acc_ty)
-            c = tl.load(c_ptr + offs, mask=mg, other=0.0)
-            q = tl.where(mg, q - tl.exp((tv - c) * inv_tt - lse_v), q)
-            ds = (n_v * tl.exp(x - lse) - q) * scale
-            tl.store(ds_row + offs, ds.to(ds_ptr.dtype.element_ty), mask=mask)
+def _stats_block_k(k):
+    return min(STATS_BLOCK_K, next_power_of_2(k))
 
 
-STUDENT_BLOCK_K, STUDENT_WARPS = 2048, 8
-register_kernel(
-    _dino_student_kernel,
-    signature={"s_ptr": "*{dt}", "t_ptr": "*{dt}", "c_ptr": "*fp32", "par_ptr": "*fp32",
-               "psum_ptr": "*fp32", "lse_t_ptr": "*fp32", "ds_ptr": "*{dt}", "loss_ptr": "*fp32",
-               "B": "i32", "K": "i32", "V": "i32", "G": "i32", "stride_s": "i32",
-               "stride_t": "i32", "stride_ds": "i32", "write_grad": "i32",
-               "BLOCK_K": "constexpr"},
-    configs=[KernelConfig(f"{dt} BLOCK_K={STUDENT_BLOCK_K}", {"BLOCK_K": STUDENT_BLOCK_K},
-                          types={"dt": dt}, num_warps=STUDENT_WARPS, num_stages=2,
-                          default=dt == "bf16") for dt in ("bf16", "fp16", "fp32")],
-)
+def _fwd_block_k(k):
+    return min(FWD_BLOCK_K, next_power_of_2(k))
 
 
-@triton.jit
-def _dino_grad_scale_kernel(
-    ds_ptr, g_ptr,  # dS (N,) dt, scaled in place; the upstream gradient (1,) fp32
-    N,
-    BLOCK: tl.constexpr,
-):
-    # Backward of the single-pass design: dS *= g, skipped when g == 1 (plain
-    # loss.backward()) without a host sync: the programs just exit.
-    g = tl.load(g_ptr)
-    if g != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        d = tl.load(ds_ptr + offs, mask=mask, other=0.0).to(g_ptr.dtype.element_ty)
-        tl.store(ds_ptr + offs, (d * g).to(ds_ptr.dtype.element_ty), mask=mask)
+def _bwd_block_k(k):
+    return min(BWD_BLOCK_K, next_power_of_2(k))
 
 
-SCALE_BLOCK, SCALE_WARPS = 4096, 8
-register_kernel(
-    _dino_grad_scale_kernel,
-    signature={"ds_ptr": "*{dt}", "g_ptr": "*fp32", "N": "i32", "BLOCK": "constexpr"},
-    configs=[KernelConfig(f"{dt} BLOCK={SCALE_BLOCK}", {"BLOCK": SCALE_BLOCK},
-                          types={"dt": dt}, num_warps=SCALE_WARPS, num_stages=1,
-                          default=dt == "bf16") for dt in ("bf16", "fp16", "fp32")],
-    hot=False,
-)
+def _finish_tile(n_kt):
+    """(NKT, BLOCK_R): the partial table's width padded, and rows per program so that one
+    program holds ~FINISH_ELEMS partials (16 registers a thread at 4 warps)."""
+    nkt = next_power_of_2(n_kt)
+    return nkt, max(1, FINISH_ELEMS // nkt)
+
+
+def _register():
+    k = PRODUCTION_K
+    sbk, fbk, bbk = _stats_block_k(k), _fwd_block_k(k), _bwd_block_k(k)
+    nkt_t = next_power_of_2(cdiv(k, sbk))
+    nkt, block_r = _finish_tile(cdiv(k, fbk))
+
+    def cfgs(label, constexprs, warps, stages, dts=DTYPES):
+        return [KernelConfig(f"{dt} {label}", constexprs, types={"dt": dt}, num_warps=warps,
+                             num_stages=stages, default=dt == "bf16") for dt in dts]
+
+    register_kernel(
+        _dino_teacher_stats_kernel,
+        signature={"t_ptr": "*{dt}", "c_ptr": "*fp32", "par_ptr": "*fp32", "m_ptr": "*fp32",
+                   "l_ptr": "*fp32", "a_ptr": "*fp32", "K": "i32", "stride_t": "i32",
+                   "n_kt": "i32", "BLOCK_K": "constexpr"},
+        configs=cfgs(f"BLOCK_K={sbk}", {"BLOCK_K": sbk}, STATS_WARPS, STATS_STAGES))
+    register_kernel(
+        _dino_fwd_kernel,
+        signature={"s_ptr": "*{dt}", "t_ptr": "*{dt}", "c_ptr": "*fp32", "par_ptr": "*fp32",
+                   "tm_ptr": "*fp32", "tsum_ptr": "*fp32", "ta_ptr": "*fp32",
+                   "lse_t_ptr": "*fp32", "ent_ptr": "*fp32", "psum_ptr": "*fp32",
+                   "colsum_ptr": "*fp32", "sm_ptr": "*fp32", "ssum_ptr": "*fp32",
+                   "sd_ptr": "*fp32", "B": "i32", "K": "i32", "V": "i32", "G": "i32",
+                   "stride_s": "i32", "stride_t": "i32", "n_kt_t": "i32", "n_kt": "i32",
+                   "rows_per_prog": "i32", "NKT_T": "constexpr", "BLOCK_B": "constexpr",
+                   "BLOCK_K": "constexpr"},
+        configs=cfgs(f"{FWD_BLOCK_B}x{fbk}",
+                     {"NKT_T": nkt_t, "BLOCK_B": FWD_BLOCK_B, "BLOCK_K": fbk},
+                     FWD_WARPS, FWD_STAGES))
+    register_kernel(  # dtype-free: one config
+        _dino_finish_kernel,
+        signature={"sm_ptr": "*fp32", "ssum_ptr": "*fp32", "sd_ptr": "*fp32",
+                   "lse_ptr": "*fp32", "loss_ptr": "*fp32", "B": "i32", "V": "i32",
+                   "G": "i32", "n_kt": "i32", "NKT": "constexpr", "BLOCK_R": "constexpr"},
+        configs=[KernelConfig(f"fp32 {block_r}x{nkt}", {"NKT": nkt, "BLOCK_R": block_r},
+                              num_warps=FINISH_WARPS, num_stages=FINISH_STAGES,
+                              default=True)])
+    register_kernel(
+        _dino_bwd_kernel,
+        signature={"s_ptr": "*{dt}", "t_ptr": "*{dt}", "c_ptr": "*fp32", "par_ptr": "*fp32",
+                   "g_ptr": "*fp32", "psum_ptr": "*fp32", "lse_t_ptr": "*fp32",
+                   "lse_s_ptr": "*fp32", "ds_ptr": "*{dt}", "B": "i32", "K": "i32",
+                   "V": "i32", "G": "i32", "stride_s": "i32", "stride_t": "i32",
+                   "BLOCK_B": "constexpr", "BLOCK_K": "constexpr"},
+        configs=cfgs(f"{BWD_BLOCK_B}x{bbk}", {"BLOCK_B": BWD_BLOCK_B, "BLOCK_K": bbk},
+                     BWD_WARPS, BWD_STAGES))
+
+
+_register()
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -342,11 +432,25 @@ def _unit_cols(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def dino_loss_fwd_triton(student_out, teacher_out, center, student_temp, teacher_temp,
-                         n_global, need_grad, *, block_k=None):
-    """Launch the teacher and student kernels. Returns (loss, entropy, colsum, dS or None).
+def _params(student_temp, teacher_temp, n, acc, dev):
+    """[1/tau_s, 1/tau_t, 1/(tau_s n)] as a device tensor. A float fills on the device (a
+    kernel argument); a device-tensor temperature is divided there. Neither reads the device."""
+    par = torch.empty(3, dtype=acc, device=dev)
+    for i, (tau, mult) in enumerate(((student_temp, 1), (teacher_temp, 1), (student_temp, n))):
+        if isinstance(tau, torch.Tensor):
+            torch.reciprocal(tau.to(acc) * mult, out=par[i])
+        else:
+            par[i] = 1.0 / (tau * mult)
+    return par
 
-    block_k overrides the column tile of the row kernels (tests use it to exercise the loop).
+
+def dino_loss_fwd_triton(student_out, teacher_out, center, student_temp, teacher_temp,
+                         n_global, *, stats_block_k=None, block_k=None, iters=None):
+    """Launch the forward kernels. Returns (loss, entropy, colsum, saved): `saved` is what the
+    backward kernel re-reads, (s, t, c, params, psum, lse_t, lse_s).
+
+    stats_block_k / block_k / iters override the column tiles and the batch sub-blocks per
+    program (tests use them to exercise the partial merges and the batch loop).
     """
     s, t = _unit_cols(student_out), _unit_cols(teacher_out)
     (vb, k), gb = s.shape, t.shape[0]
@@ -355,43 +459,56 @@ def dino_loss_fwd_triton(student_out, teacher_out, center, student_temp, teacher
     acc = compute_dtype(s.dtype)
     dev = s.device
     n_pairs = n_global * (v - 1)
-    c = center.detach().reshape(k).to(acc).contiguous()
-    par = torch.empty(3, dtype=acc, device=dev)  # filled on the device: no host sync
-    for i, val in enumerate((1.0 / student_temp, 1.0 / teacher_temp,
-                             1.0 / (student_temp * b * n_pairs))):
-        par[i] = val
-    row_bk = block_k or min(STUDENT_BLOCK_K, next_power_of_2(k))
+    # a copy: the backward re-reads it after DINOLoss has updated its center in place
+    c = center.detach().reshape(k).to(acc, copy=True)
+    par = _params(student_temp, teacher_temp, b * n_pairs, acc, dev)
 
-    lse_t = torch.empty(gb, dtype=acc, device=dev)
-    ent = torch.empty(gb, dtype=acc, device=dev)
-    _dino_teacher_stats_kernel[(gb,)](
-        t, c, par, lse_t, ent, k, t.stride(0),
-        BLOCK_K=block_k or min(TEACHER_BLOCK_K, next_power_of_2(k)), num_warps=TEACHER_WARPS)
-
-    n_bb = cdiv(b, PROBS_BLOCK_B)
-    probs_bk = min(PROBS_BLOCK_K, next_power_of_2(k))
+    sbk = stats_block_k or _stats_block_k(k)
+    n_kt_t = cdiv(k, sbk)
+    tm, tsum, ta = (torch.empty(gb, n_kt_t, dtype=acc, device=dev) for _ in range(3))
+    fbk = block_k or _fwd_block_k(k)
+    n_kt = cdiv(k, fbk)
+    n_bb = cdiv(b, FWD_BLOCK_B)
+    if iters is None:
+        iters = max(1, min(FWD_MAX_ITERS, n_bb * n_kt // FWD_PROGRAMS, n_bb))
+    rows_per_prog = FWD_BLOCK_B * iters
+    n_bp = cdiv(b, rows_per_prog)
+    lse_t, ent = (torch.empty(gb, dtype=acc, device=dev) for _ in range(2))
     psum = torch.empty(b, k, dtype=acc, device=dev)
-    col_part = torch.empty(n_bb, k, dtype=acc, device=dev)
-    _dino_teacher_probs_kernel[(n_bb, cdiv(k, probs_bk))](
-        t, c, par, lse_t, psum, col_part, b, k, n_global, t.stride(0),
-        BLOCK_B=PROBS_BLOCK_B, BLOCK_K=probs_bk, num_warps=PROBS_WARPS)
-
-    ds = torch.empty_like(s, memory_format=torch.contiguous_format) if need_grad else s
-    loss_rows = torch.empty(vb, dtype=acc, device=dev)
-    _dino_student_kernel[(vb,)](
-        s, t, c, par, psum, lse_t, ds, loss_rows,
-        b, k, v, n_global, s.stride(0), t.stride(0), ds.stride(0), int(need_grad),
-        BLOCK_K=row_bk, num_warps=STUDENT_WARPS)
+    col_part = torch.empty(n_bp, k, dtype=acc, device=dev)
+    sm, ssum, sd = (torch.empty(vb, n_kt, dtype=acc, device=dev) for _ in range(3))
+    lse_s, loss_rows = (torch.empty(vb, dtype=acc, device=dev) for _ in range(2))
+    nkt, block_r = _finish_tile(n_kt)
+    with device_guard(s):
+        _dino_teacher_stats_kernel[(gb, n_kt_t)](
+            t, c, par, tm, tsum, ta, k, t.stride(0), n_kt_t,
+            BLOCK_K=sbk, num_warps=STATS_WARPS, num_stages=STATS_STAGES)
+        _dino_fwd_kernel[(n_bp, n_kt)](
+            s, t, c, par, tm, tsum, ta, lse_t, ent, psum, col_part, sm, ssum, sd,
+            b, k, v, n_global, s.stride(0), t.stride(0), n_kt_t, n_kt, rows_per_prog,
+            NKT_T=next_power_of_2(n_kt_t), BLOCK_B=FWD_BLOCK_B, BLOCK_K=fbk,
+            num_warps=FWD_WARPS, num_stages=FWD_STAGES)
+        _dino_finish_kernel[(cdiv(vb, block_r),)](
+            sm, ssum, sd, lse_s, loss_rows, b, v, n_global, n_kt,
+            NKT=nkt, BLOCK_R=block_r, num_warps=FINISH_WARPS, num_stages=FINISH_STAGES)
     loss = loss_rows.sum() / (b * n_pairs)
-    return loss, ent.mean(), col_part.sum(0), (ds if need_grad else None)
+    saved = (s, t, c, par, psum, lse_t, lse_s)
+    return loss, ent.mean(), col_part.sum(0), saved
 
 
-def dino_grad_scale_triton(ds, grad):
-    """ds *= grad in place (grad: 0-dim tensor), a no-op pass when grad == 1."""
-    g = grad.detach().reshape(1).to(compute_dtype(ds.dtype))
-    n = ds.numel()
-    _dino_grad_scale_kernel[(cdiv(n, SCALE_BLOCK),)](ds, g, n, BLOCK=SCALE_BLOCK,
-                                                     num_warps=SCALE_WARPS)
+def dino_loss_bwd_triton(saved, grad_loss):
+    """dS from what the forward saved, times the upstream gradient (a device tensor, never
+    read on the host)."""
+    s, t, c, par, psum, lse_t, lse_s = saved
+    (vb, k), b = s.shape, psum.shape[0]
+    g = grad_loss.detach().reshape(1).to(par.dtype)
+    ds = torch.empty(vb, k, dtype=s.dtype, device=s.device)
+    bbk = _bwd_block_k(k)
+    with device_guard(s):
+        _dino_bwd_kernel[(cdiv(b, BWD_BLOCK_B), cdiv(k, bbk))](
+            s, t, c, par, g, psum, lse_t, lse_s, ds,
+            b, k, vb // b, t.shape[0] // b, s.stride(0), t.stride(0),
+            BLOCK_B=BWD_BLOCK_B, BLOCK_K=bbk, num_warps=BWD_WARPS, num_stages=BWD_STAGES)
     return ds
 
 
@@ -434,6 +551,22 @@ def _softmax_(x):
     return _SOFTMAX_OUT(src, -1, False, out=x)
 
 
+def _add_scaled(out, x, y, alpha):
+    """out <- x + alpha * y; alpha a float (one fused op) or a 0-d device tensor (a
+    temperature given as a tensor: never read on the host)."""
+    if isinstance(alpha, torch.Tensor):
+        return torch.addcmul(x, y, alpha, out=out)
+    return torch.add(x, y, alpha=alpha, out=out)
+
+
+def _grad_buffer_dtype(dtype):
+    """dS buffer dtype of the portable path: fp32 for fp16 inputs. The forward cannot know
+    the upstream gradient, and (n_v p - Q) / (tau_s B n_pairs) is ~1e-8 at K = 65536, under
+    fp16's smallest subnormal (6e-8): rounded to fp16 before GradScaler's 65536 arrives, 99.98%
+    of the entries were 0. bf16 has fp32's exponent range and keeps a bf16 buffer."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def _teacher_probs_(out, t_rows, c, inv_tt, floor):
     """out <- softmax((t_rows - c) / tau_t), computed in out's dtype (fp32 before 1/tau)."""
     z = torch.sub(t_rows, c, out=out).mul_(inv_tt)
@@ -446,10 +579,11 @@ def dino_loss_fwd_torch(student_out, teacher_out, center, student_temp, teacher_
                         teacher_rows=TORCH_TEACHER_ROWS):
     """Chunked torch forward. Returns (loss, entropy, colsum, dS or None).
 
-    Peak extra memory: dS (student size, the output) + sum_i P_i (B, K) in fp32 + one
-    (block_b, K) block for a global view's own P_v (+ one for fp16/bf16 or no-grad calls).
-    Each (batch block, view) of S is scaled, soft-maxed and turned into the gradient inside
-    its own dS rows: ~7 large ops.
+    Peak extra memory: dS (student size, the output; fp32 for fp16 inputs) + sum_i P_i
+    (B, K) in fp32 + one (block_b, K) block for a global view's own P_v (+ one for bf16 or
+    no-grad calls). Each (batch block, view) of S is scaled, soft-maxed and turned into the
+    gradient inside its own dS rows: ~7 large ops. The temperatures are floats or 0-d tensors
+    on the inputs' device.
     """
     s, t = _unit_cols(student_out), _unit_cols(teacher_out)
     (vb, k), gb = s.shape, t.shape[0]
@@ -458,7 +592,8 @@ def dino_loss_fwd_torch(student_out, teacher_out, center, student_temp, teacher_
     acc = compute_dtype(s.dtype)
     dev = s.device
     n_pairs = n_global * (v - 1)
-    inv_ts, inv_tt = 1.0 / student_temp, 1.0 / teacher_temp
+    inv_ts, inv_tt = (1.0 / (x.to(acc) if isinstance(x, torch.Tensor) else x)
+                      for x in (student_temp, teacher_temp))
     scale = inv_ts / (b * n_pairs)
     floor = _exp_floor(acc, k)
     c = center.detach().reshape(1, k).to(acc)
@@ -484,10 +619,12 @@ def dino_loss_fwd_torch(student_out, teacher_out, center, student_temp, teacher_
 
     # student: per block of batch rows, per view (a contiguous row range of S and dS)
     lowp = s.dtype != acc
-    ds = torch.empty_like(s, memory_format=torch.contiguous_format) if need_grad else None
+    ds = (torch.empty(vb, k, dtype=_grad_buffer_dtype(s.dtype), device=dev)
+          if need_grad else None)
+    direct = need_grad and ds.dtype == acc  # the block is computed in its own dS rows
     nb_max = min(block_b, b)
     pbuf = torch.empty(nb_max, k, dtype=acc, device=dev)  # P_v of a global view
-    dbuf = torch.empty_like(pbuf) if (lowp or not need_grad) else None
+    dbuf = None if direct else torch.empty_like(pbuf)
     row_max = torch.empty(vb, dtype=acc, device=dev)  # max of x per student row
     row_pmax = torch.empty(vb, dtype=acc, device=dev)  # max of softmax(x) = e^(max - LSE)
     cross = torch.zeros((), dtype=acc, device=dev)
@@ -498,7 +635,7 @@ def dino_loss_fwd_torch(student_out, teacher_out, center, student_temp, teacher_
         for view in range(v):
             rows = slice(view * b + b0, view * b + b1)
             n_v = n_global - 1 if view < n_global else n_global
-            d = ds[rows] if (need_grad and not lowp) else dbuf[:n]
+            d = ds[rows] if direct else dbuf[:n]
             if lowp:
                 d.copy_(s[rows]).mul_(inv_ts)  # x = s / tau in fp32, never in bf16
             else:
@@ -512,10 +649,10 @@ def dino_loss_fwd_torch(student_out, teacher_out, center, student_temp, teacher_
             _softmax_(d)
             torch.amax(d, -1, out=row_pmax[rows])
             if need_grad:
-                torch.add(q, d, alpha=n_v * scale, out=d)  # (n_v p - sum_i P_i) * scale
+                _add_scaled(d, q, d, n_v * scale)  # (n_v p - sum_i P_i) * scale
                 if view < n_global:
-                    d.add_(pv, alpha=scale)
-                if lowp:
+                    _add_scaled(d, d, pv, scale)
+                if not direct:
                     ds[rows].copy_(d)
     # LSE = max - log p_max: p at the argmax is >= 1/K, so its log is accurate
     n_v_rows = torch.full((v, b), float(n_global), dtype=acc, device=dev)
@@ -529,29 +666,43 @@ def dino_loss_fwd_torch(student_out, teacher_out, center, student_temp, teacher_
 class DINOLossFunction(torch.autograd.Function):
     """(student, teacher, center, tau_s, tau_t, n_global, backend) -> (loss, H, colsum).
 
-    Used only when the student needs a gradient: the forward writes dS, backward scales it
-    in place. The entropy and the column sums are non-differentiable side outputs.
+    Used only when the student needs a gradient. Triton: backward recomputes dS from S, T and
+    the saved psum / row LSEs (so it may run twice under retain_graph). Portable: the forward
+    writes dS and backward scales it, handing the buffer over once. Either way the upstream
+    gradient is applied in fp32 before dS is rounded to fp16. The entropy and the column
+    sums are non-differentiable side outputs.
     """
 
     @staticmethod
     def forward(ctx, student_out, teacher_out, center, student_temp, teacher_temp, n_global,
                 backend):
-        fwd = dino_loss_fwd_triton if backend == "triton" else dino_loss_fwd_torch
-        loss, ent, colsum, ds = fwd(student_out, teacher_out.detach(), center.detach(),
-                                    student_temp, teacher_temp, n_global, True)
-        ctx.ds, ctx.backend = ds, backend
+        ctx.backend, ctx.dtype = backend, student_out.dtype
+        if backend == "triton":
+            loss, ent, colsum, saved = dino_loss_fwd_triton(
+                student_out, teacher_out.detach(), center.detach(), student_temp,
+                teacher_temp, n_global)
+            ctx.save_for_backward(*saved)
+        else:
+            loss, ent, colsum, ctx.ds = dino_loss_fwd_torch(
+                student_out, teacher_out.detach(), center.detach(), student_temp,
+                teacher_temp, n_global, True)
         ctx.mark_non_differentiable(ent, colsum)
         return loss, ent, colsum
 
     @staticmethod
     def backward(ctx, grad_loss, grad_ent, grad_colsum):
+        if ctx.backend == "triton":
+            return dino_loss_bwd_triton(ctx.saved_tensors, grad_loss), *([None] * 6)
         ds, ctx.ds = ctx.ds, None  # released so autograd can take it as .grad without a copy
         if ds is None:
-            raise RuntimeError("dino_loss computes its gradient in the forward and hands it "
-                               "over once: backward through it twice is not supported")
-        if ctx.backend == "triton":
-            dino_grad_scale_triton(ds, grad_loss)
-        elif grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
+            raise RuntimeError("dino_loss's portable path computes its gradient in the "
+                               "forward and hands it over once: backward through it twice "
+                               "is not supported")
+        if ds.dtype != ctx.dtype:  # fp16: the fp32 buffer takes the scale, then one rounding
+            ds = torch.mul(ds, grad_loss, out=torch.empty_like(ds, dtype=ctx.dtype))
+        elif not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
+            # a CPU scalar is read from host memory (no device sync); skipping the pass over
+            # dS for a plain loss.backward() keeps the CPU path at its speed
             ds.mul_(grad_loss)
         return ds, None, None, None, None, None, None
 
@@ -573,9 +724,10 @@ def _dino_loss_with_stats(student_out, teacher_out, center, *, student_temp=0.1,
             colsum = teacher_out.sum(0, dtype=acc)
         return loss, ent, colsum
     if not (torch.is_grad_enabled() and student_out.requires_grad):  # loss only: no dS pass
-        fwd = dino_loss_fwd_triton if backend == "triton" else dino_loss_fwd_torch
-        return fwd(student_out.detach(), teacher_out.detach(), center.detach(), ts, tt,
-                   n_global, False)[:3]
+        args = (student_out.detach(), teacher_out.detach(), center.detach(), ts, tt, n_global)
+        if backend == "triton":
+            return dino_loss_fwd_triton(*args)[:3]
+        return dino_loss_fwd_torch(*args, False)[:3]
     return DINOLossFunction.apply(student_out, teacher_out, center, ts, tt, n_global, backend)
 
 
@@ -587,7 +739,8 @@ def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_tem
         student_out: (V*B, K) logits of all V student views, view-major; gets the gradient.
         teacher_out: (n_global*B, K) logits of the global views; no gradient.
         center: (1, K) or (K,); same dtype as the logits, or fp32 with fp16/bf16 logits.
-        student_temp, teacher_temp: tau_s, tau_t > 0.
+        student_temp, teacher_temp: tau_s, tau_t > 0: floats, or 1-element tensors (on the
+            logits' device, or CPU), never read on the host when on an accelerator.
         n_global: teacher views; they are the first n_global student views (never paired).
     Returns:
         0-dim loss, mean over the n_global*(V-1) pairs (fp32 for fp16/bf16 inputs).

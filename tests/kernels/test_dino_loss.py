@@ -70,17 +70,99 @@ def test_center_as_row_and_noncontiguous_inputs(seed, backend, path):
     assert_matches_ref(s, t, c)
 
 
-def test_triton_column_loop_and_side_outputs(seed):
-    """A small tile forces several ragged column tiles in every row kernel."""
+@pytest.mark.parametrize("stats_bk,bk,iters", [(128, 128, 2), (64, 256, 1), (1024, 512, 3)])
+def test_triton_tile_merges_and_side_outputs(seed, stats_bk, bk, iters):
+    """Small tiles force many ragged column tiles, so every row statistic is merged from
+    partials; iters > 1 runs several batch sub-blocks per program (B=5 with sub-blocks of 4:
+    the last is partly, or at iters=3 wholly, past B)."""
     v, g, b, k = 4, 2, 5, 1000
     s, t, c = make(v, g, b, k, t_scale=4.0)
-    loss, ent, colsum, ds = dl.dino_loss_fwd_triton(s.detach(), t, c, 0.1, 0.04, g, True,
-                                                    block_k=128)
-    l0, g0 = loss_and_grad(dino_loss_ref, s, t, c, upstream=1.0)
+    loss, ent, colsum, saved = dl.dino_loss_fwd_triton(
+        s.detach(), t, c, 0.1, 0.04, g, stats_block_k=stats_bk, block_k=bk, iters=iters)
+    ds = dl.dino_loss_bwd_triton(saved, torch.tensor(-3.0, dtype=torch.float64))
+    l0, g0 = loss_and_grad(dino_loss_ref, s, t, c, upstream=-3.0)
     torch.testing.assert_close(loss, l0, **TOL64)
     torch.testing.assert_close(ds, g0, **TOL64)
     torch.testing.assert_close(ent, direct_entropy(t, c, 0.04), **TOL64)
     torch.testing.assert_close(colsum, t.sum(0), **TOL64)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_tensor_temperatures(seed, backend, path):
+    """Temperatures as 1-element tensors (a schedule's entry) give the float results; one on
+    another device is refused by name."""
+    backend(path)
+    s, t, c = make(4, 2, 3, 300, t_scale=3.0)
+    l0, g0 = loss_and_grad(dino_loss_ref, s, t, c, student_temp=0.12, teacher_temp=0.05)
+    l1, g1 = loss_and_grad(dino_loss, s, t, c, student_temp=torch.tensor([0.12]),
+                           teacher_temp=torch.tensor(0.05, dtype=torch.float64))
+    torch.testing.assert_close(l1, l0, **TOL64)
+    torch.testing.assert_close(g1, g0, **TOL64)
+    with pytest.raises(ValueError, match="teacher_temp"):
+        dino_loss(s, t, c, teacher_temp=torch.tensor(0.05, device="meta"))
+    with pytest.raises(ValueError, match="student_temp"):
+        dino_loss(s, t, c, student_temp=torch.tensor([0.1, 0.2]))
+
+
+def test_triton_launches_run_under_the_device_guard(seed, monkeypatch):
+    """Every kernel launch (forward and backward) happens inside device_guard(tensor)."""
+    monkeypatch.setenv("SELFSUP_KERNELS", "triton")
+    inside, launched = [], []
+
+    class Guard:
+        def __init__(self, t):
+            self.t = t
+
+        def __enter__(self):
+            inside.append(self.t.device)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    class Spy:
+        def __init__(self, fn, name):
+            self.fn, self.name = fn, name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                assert inside, f"{self.name} launched outside device_guard"
+                launched.append(self.name)
+                return self.fn[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(dl, "device_guard", Guard)
+    kernels = [n for n in vars(dl) if n.startswith("_dino_") and n.endswith("_kernel")]
+    for name in kernels:
+        monkeypatch.setattr(dl, name, Spy(getattr(dl, name), name))
+    s, t, c = make(4, 2, 3, 50)
+    loss_and_grad(dino_loss, s, t, c)
+    assert sorted(set(launched)) == sorted(kernels)
+
+
+def test_triton_path_reads_nothing_on_the_host(seed, monkeypatch):
+    """Forward and backward of the GPU path call no .item() / float() / bool() on a tensor
+    (on CUDA each is a device sync): temperatures and the upstream gradient stay device
+    memory. Device tensors are simulated by patching the readers to fail."""
+    monkeypatch.setenv("SELFSUP_KERNELS", "triton")
+    s, t, c = make(4, 2, 3, 50)
+    tau_t = torch.tensor(0.05, dtype=torch.float64)
+    want = loss_and_grad(dino_loss_ref, s, t, c, upstream=65536.0, teacher_temp=0.05)
+    calls = []
+
+    def refuse(name):
+        def reader(self, *a, **kw):
+            calls.append(name)
+            raise AssertionError(f"Tensor.{name} called inside dino_loss")
+        return reader
+
+    monkeypatch.setattr(dl, "_temperature", lambda name, value, like: value)  # as on CUDA
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    got = loss_and_grad(dino_loss, s, t, c, upstream=65536.0, teacher_temp=tau_t)
+    monkeypatch.undo()
+    assert not calls
+    torch.testing.assert_close(got[0], want[0], **TOL64)
+    torch.testing.assert_close(got[1], want[1], **TOL64)
 
 
 def test_torch_ragged_blocks(seed):
@@ -122,8 +204,9 @@ def test_finite_differences(seed, backend, path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_plain_backward_and_teacher_gets_no_grad(seed, backend, path):
-    """loss.backward() (upstream exactly 1: the scaling pass is skipped) fills .grad of the
-    student only; a second backward through the same graph raises."""
+    """loss.backward() (upstream exactly 1: the portable path skips its scaling pass) fills
+    .grad of the student only. A second backward through the same graph: Triton recomputes
+    dS (the same gradient again); the portable path handed its buffer over and raises."""
     backend(path)
     s, t, c = make(4, 2, 3, 50)
     t.requires_grad_()
@@ -133,8 +216,12 @@ def test_plain_backward_and_teacher_gets_no_grad(seed, backend, path):
     loss.backward(retain_graph=True)
     torch.testing.assert_close(s.grad, ref, **TOL64)
     assert t.grad is None and c.grad is None
-    with pytest.raises(RuntimeError, match="twice"):
+    if path == "triton":
         loss.backward()
+        torch.testing.assert_close(s.grad, 2 * ref, **TOL64)
+    else:
+        with pytest.raises(RuntimeError, match="twice"):
+            loss.backward()
 
 
 @pytest.mark.parametrize("path", PATHS)
