@@ -85,7 +85,8 @@ def test_every_method_trains_on_both_archs(dry_run):
                 assert eager["img_s"] > 0 and eager["steps"] == 2
             else:  # only MAE may refuse, on the ResNet
                 assert method == "mae" and "resnet" in arch
-            assert f"compile/{method}/{arch}" in rows
+            compiled = rows[f"compile/{method}/{arch}"]  # one runs where train.py has it
+            assert compiled["status"] in ("ok", "n/a", "not available", "dry-run skip"), compiled
             assert f"| {method} | {arch} | eager |" in md
             assert f"| {method} | {arch} | compile |" in md
     assert {cid for cid in rows if cid.startswith("loader/")}

@@ -122,7 +122,8 @@ def _train(plan_ids, rows) -> list[str]:
     for cid in plan_ids:
         r = rows.get(cid, {})
         if cid.startswith("loader/"):
-            views = ", ".join("×".join(map(str, v)) for v in r.get("views", []))
+            shapes = ["×".join(map(str, v)) for v in r.get("views", [])]
+            views = " + ".join(f"{shapes.count(v)} × {v}" for v in dict.fromkeys(shapes))
             loaders.append(f"| {cid.split('/', 1)[1]} | {views} | "
                            f"{_f(r.get('img_s'), '{:.0f}')} | {r.get('threads', '')} | "
                            f"{r.get('status', 'not run')} {_reason(r)} |")
