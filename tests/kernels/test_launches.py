@@ -27,6 +27,10 @@ VIT = ["--arch", "vit_tiny", "--img-size", "224"]
 CNN = ["--arch", "resnet_tiny", "--img-size", "32"]
 CASES = [("mocov1", CNN), ("mocov2", CNN), ("simsiam", CNN), ("byol", CNN), ("simclr", CNN),
          ("mocov3", CNN), ("mocov3", VIT), ("dino", VIT), ("dino", CNN), ("mae", VIT)]
+# Known gap (issue 22, open): the MAE launchers still pass triton's default num_stages (3)
+# where the registry says 2, and MAE's registered widths do not cover patch rows of 768.
+# strict: the day the MAE launches are registered, this marker must go.
+KNOWN_GAPS = {"mae"}
 
 
 def run(method: str, arch: list[str], precision: str, tmp_path) -> LaunchRecorder:
@@ -42,8 +46,10 @@ def run(method: str, arch: list[str], precision: str, tmp_path) -> LaunchRecorde
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-@pytest.mark.parametrize("method,arch", CASES,
-                         ids=[f"{m}-{a[1]}" for m, a in CASES])
+@pytest.mark.parametrize("method,arch", [
+    pytest.param(m, a, id=f"{m}-{a[1]}", marks=[pytest.mark.xfail(
+        strict=True, reason="MAE launches not yet registered (issue 22)")]
+        if m in KNOWN_GAPS else []) for m, a in CASES])
 def test_every_launch_of_a_training_step_is_registered(method, arch, precision, tmp_path,
                                                        monkeypatch):
     monkeypatch.setenv("SELFSUP_KERNELS", "triton")
