@@ -39,7 +39,7 @@ sys.path[:0] = [str(ROOT), str(HERE)]  # selfsup and gpucheck, also without PYTH
 SECTIONS = {"kernels": 0.30, "bench": 0.20, "train": 0.50}  # shares of the budget
 BUDGET_S, DRY_BUDGET_S = 450.0, 150.0  # the GPU run must end inside 8 minutes
 GRACE_S = 10.0  # a case may overrun its section's budget by this much before it is killed
-MAX_STARTS = 6
+MAX_STARTS = 10  # worker starts: the first, then one per crash or killed case
 
 
 def parse(argv=None) -> argparse.Namespace:

@@ -150,7 +150,8 @@ def fatal_cuda_error(e: BaseException) -> bool:
     text = str(e)
     return any(s in text for s in ("illegal memory access", "device-side assert",
                                    "unspecified launch failure", "CUDA error: an illegal",
-                                   "misaligned address", "CUDA error: unknown error"))
+                                   "misaligned address", "CUDA error: unknown error",
+                                   "when stream is capturing", "previous error during capture"))
 
 
 def git_commit() -> str:
