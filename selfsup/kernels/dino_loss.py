@@ -168,6 +168,10 @@ def _validate(student_out, teacher_out, center, student_temp, teacher_temp, n_gl
 # at DINO shapes: one program per row (V*B = 768 at B=64, 5 CTAs/SM) left a 1.2-wave tail on
 # an H100's 132 SMs, and 128 teacher rows filled one CTA per SM. Row statistics are merged
 # from per-tile partials (max m, sum l = sum e^(z-m), ...), like flash-decoding.
+# inlined into the kernels that call it, so compiled and reported with them
+JIT_HELPERS = ("_merge_lse",)
+
+
 @triton.jit
 def _merge_lse(m_ptr, l_ptr, rows, mb, n_kt, NKT: tl.constexpr):
     # rows [R] int64 of a (rows, n_kt) partial table: M = max_j m_j, L = sum_j l_j e^(m_j - M)

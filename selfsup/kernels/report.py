@@ -167,7 +167,12 @@ def unregistered_kernels(package: str = "selfsup.kernels") -> list[str]:
                 modules.append(importlib.import_module(info.name))
     missing = set()
     for mod in modules:
-        for obj in vars(mod).values():
+        # device functions (`@triton.jit` helpers only called from kernels) are compiled
+        # inline with their callers; a module names them in JIT_HELPERS
+        helpers = set(getattr(mod, "JIT_HELPERS", ()))
+        for attr, obj in vars(mod).items():
+            if attr in helpers:
+                continue
             if is_jit_function(obj) and kernel_name(obj).startswith(mod.__name__):
                 if kernel_name(obj) not in REGISTRY:
                     missing.add(kernel_name(obj))
