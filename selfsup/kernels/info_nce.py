@@ -204,6 +204,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # the largest tiles with zero spills and >= 2 CTAs per SM on sm_80 and sm_90 where one exists
 # (triton 3.6 and 3.9; `python -m selfsup.kernels.report`, docs/kernels-infonce.md). "half":
 # native fp16/bf16 operands; "tf32x3": split fp32 operands triple the dot's registers.
+# Entries no registered config uses (unregistered widths, fp64 under the interpreter) are
+# unmeasured guesses of the same shape.
 _TILES = {
     ("fwd", "half"): {128: (64, 64, 8, 3), 256: (32, 64, 8, 2), 512: (16, 32, 8, 2)},
     # NT-Xent's self mask costs registers: 64x64 drops to 1 CTA/SM on sm_80 (3.6: 158 regs)
