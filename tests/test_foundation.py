@@ -245,8 +245,7 @@ def test_tf32_setting_is_read_from_the_new_api_per_call():
         "assert f() is True  # inherited from the global setting\n"
         "print('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120)
+    r = run_py(code)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
 
 
@@ -260,6 +259,5 @@ def test_tf32_setting_follows_the_legacy_flag_too():
         "assert f() is False\n"
         "print('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120)
+    r = run_py(code)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
