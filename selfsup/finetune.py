@@ -40,6 +40,7 @@ import torch
 
 from . import dist
 from .data import DatasetError, build_loader, load_dataset
+from .data.layouts import align_classes
 from .data.datasets import subset
 from .engine import checkpoint as ckpt
 from .engine import schedules
@@ -182,14 +183,23 @@ def load_encoder(s: dict, device: torch.device):
 
 def make_loaders(s: dict, cfg, rank: int = 0, world: int = 1):
     data = s["data"] or cfg.data
-    train = subset(load_dataset(data, "train"), s["train_size"], s["seed"])
-    test = subset(load_dataset(s["test_data"] or data, "test"), s["test_size"], s["seed"])
-    if len(train.classes) < 2:
+    train = load_dataset(data, "train")
+    # the layout rules of training and selfsup.eval (docs/data.md): --test-data names the split
+    # folder itself (or a folder holding val/ or test/); without it, data's own held-out split
+    test = (load_dataset(s["test_data"], "test", named=True) if s["test_data"]
+            else load_dataset(data, "test"))
+    if len(train.classes) < 2 or not getattr(train, "labeled", True):
         raise DatasetError(f"fine-tuning needs labelled images of >= 2 classes (one subfolder "
                            f"per class); {data} has {len(train.classes)}")
-    if list(train.classes) != list(test.classes):  # else label i means two different things
-        raise DatasetError(f"the train and test sets name different classes: "
-                           f"{list(train.classes)[:5]}... vs {list(test.classes)[:5]}...")
+    if not getattr(test, "labeled", True):
+        raise DatasetError(f"the held-out set {getattr(test, 'root', test)} has no labels "
+                           f"({test.why_unlabeled}); it must be a tree of class folders")
+    # label i must mean one class in both: held-out folders are relabeled by class name (a val/
+    # missing a class would otherwise shift every later label); classes unknown to the train set
+    # are scored as misses, with a warning
+    test = align_classes(train, test)
+    train = subset(train, s["train_size"], s["seed"])
+    test = subset(test, s["test_size"], s["seed"])
     kw = dict(img_size=cfg.img_size, in_chans=cfg.in_chans, seed=s["seed"],
               device=s["data_device"], num_threads=s["workers"])
     # MAE's fine-tuning crop + flip (the "mae" recipe: scale range, ratio 3/4-4/3, flip 0.5)

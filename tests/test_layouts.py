@@ -311,3 +311,32 @@ def test_a_flat_held_out_split_turns_the_monitor_off_not_the_run(tmp_path):
     assert isinstance(why, str) and "held-out split" in why and "no labels" in why
     with pytest.raises(DatasetError, match="--test-data .* has no labels"):
         score_sets(str(tmp_path / "inet" / "train"), test_data=str(tmp_path / "inet" / "val"))
+
+
+# ----------------------------------------------------------------------------- finetune
+def finetune_loaders(data, test_data):
+    from types import SimpleNamespace
+
+    from selfsup import finetune
+    s = {"data": str(data), "test_data": test_data and str(test_data), "train_size": 0,
+         "test_size": 0, "seed": 0, "data_device": "portable", "workers": 1, "batch_size": 4,
+         "crop_scale": [0.2, 1.0]}
+    return finetune.make_loaders(s, SimpleNamespace(data=None, img_size=16, in_chans=3))
+
+
+def test_finetune_follows_the_same_layout_rules(imagenet, tmp_path):
+    # --data root/train: the held-out split is the sibling root/val
+    _, test_loader, n_classes = finetune_loaders(imagenet / "train", None)
+    assert n_classes == 3 and len(test_loader.dataset) == 6
+    # --test-data naming the split folder itself, one class missing: labels follow the train
+    # set's class names (bag=0, coat=1, shoe=2), not the held-out folder's own order
+    held = tmp_path / "heldout"
+    class_tree(held, 2, classes=("coat", "shoe"), start=200)
+    _, test_loader, _ = finetune_loaders(imagenet / "train", held)
+    labels = sorted({y for _, y in test_loader.dataset.samples})
+    assert labels == [1, 2]
+    # an unlabeled held-out folder is refused, naming it
+    flat = tmp_path / "flat"
+    write_images(flat, 4, 300)
+    with pytest.raises(DatasetError, match="no labels"):
+        finetune_loaders(imagenet / "train", flat)

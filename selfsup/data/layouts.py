@@ -72,7 +72,7 @@ def _split_off(ds, seed: int) -> tuple:
     return take(ds, np.sort(perm[k:])), take(ds, np.sort(perm[:k]))
 
 
-def _align(memory, queries):
+def align_classes(memory, queries):
     """Queries relabeled to the memory's class indices, by class name (folders only)."""
     if not (isinstance(memory, ImageFolder) and isinstance(queries, ImageFolder)) or \
             memory.classes == queries.classes:
@@ -122,7 +122,7 @@ def score_sets(data, test_data=None, knn_data=None, *, unlabeled: bool = False,
         if test_data is None and not _is_labeled(queries):
             return _flat_held_out(queries)
         _need_labels(queries, "--test-data", test_data)
-        return ScoreSets(memory, _align(memory, queries),
+        return ScoreSets(memory, align_classes(memory, queries),
                          f"k-NN memory --knn-data {knn_data}, queries {note}")
     train = train if train is not None else load_dataset(data, "train", unlabeled=unlabeled)
     if _is_labeled(train):
@@ -136,7 +136,8 @@ def score_sets(data, test_data=None, knn_data=None, *, unlabeled: bool = False,
         if test_data is None and not _is_labeled(queries):
             return _flat_held_out(queries)
         _need_labels(queries, "--test-data", test_data)
-        return ScoreSets(train, _align(train, queries), f"k-NN memory {data}, queries {note}")
+        return ScoreSets(train, align_classes(train, queries),
+                         f"k-NN memory {data}, queries {note}")
     if test_data is not None:
         labeled = load_dataset(test_data, "test", named=True)
         _need_labels(labeled, "--test-data", test_data)
