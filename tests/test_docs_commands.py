@@ -28,11 +28,12 @@ Every command parses (test_command_parses)
     - `cd`, `export`, `echo`, `ls`, `mkdir`, `git`: shell, nothing of ours to check.
     - Anything else fails, naming the command: add a rule here.
 
-The first runnable command of each entry point also runs (test_command_runs)
+Every command of a runnable entry point also runs (test_command_runs)
     The entry points are train.py, `selfsup.eval knn|linear`, `selfsup.visualize
     attention|reconstruction`, `selfsup.export`, `selfsup.finetune` and `bench/quality.py
-    --table`. The first of their commands (README.md first, then docs/*.md by name) that can
-    run on a CPU runs in a subprocess (TRITON_INTERPRET unset, one OMP thread), rewritten:
+    --table`. Each of their commands that can run on a CPU runs in a subprocess
+    (TRITON_INTERPRET unset, one OMP thread), rewritten (`--help` runs as written and must
+    print the usage):
     - Parse-only, never run: torchrun, make, pip, pytest, bash, `selfsup.kernels.report`
       (compiles for minutes; tests/kernels/test_compile.py runs it), `bench/quality.py`
       without `--table` (it trains for an hour), and any command with `--device cuda`,
@@ -420,14 +421,8 @@ def run_key(cmd: Command) -> tuple | None:
     return entry, (args[0] if entry in SUBCOMMANDS and args else None)
 
 
-def first_runnable() -> list[Command]:
-    seen, out = set(), []
-    for c in COMMANDS:
-        key = run_key(c)
-        if key is not None and key not in seen:
-            seen.add(key)
-            out.append(c)
-    return out
+def runnable() -> list[Command]:
+    return [c for c in COMMANDS if run_key(c) is not None]
 
 
 def set_flag(args: list[str], flag: str, *values: str) -> list[str]:
@@ -547,6 +542,8 @@ def rewrite(cmd: Command, ws: Workspace) -> tuple[list[str], str]:
     if out is not None:
         args = set_flag(args, "--out", str(ws.root / "out" / Path(out).name))
     head = ["-m", entry] if not entry.endswith(".py") else [entry]
+    if "--help" in args or "-h" in args:
+        return head + args, r"^usage: |^options:|--help"
     if entry == "train.py":
         out = out or "train-run"
         args = set_flag(tiny_arch(args), "--out", str(ws.root / "out" / Path(out).name))
@@ -579,7 +576,7 @@ def workspace(tmp_path_factory):
     return Workspace(tmp_path_factory.mktemp("docs_commands"))
 
 
-RUNS = first_runnable()
+RUNS = runnable()
 
 
 @pytest.mark.parametrize("cmd", RUNS, ids=[label(c) for c in RUNS])
