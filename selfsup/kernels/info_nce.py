@@ -33,7 +33,11 @@ Paths, picked by `choose_backend` (``SELFSUP_KERNELS=triton|torch|ref`` forces o
   when the user allowed TF32 for fp32 matmuls; read per call). fp64 CPU tensors (the
   interpreter's float64 tests) compute in fp64, so those comparisons are as tight as the
   portable path's; fp64 CUDA tensors and C > 512 take the portable path.
-- "torch": portable chunked torch in the same autograd.Function (`_info_nce_torch.py`).
+- "torch": portable chunked torch in the same custom op (`_info_nce_torch.py`).
+
+The fused paths run through `torch.ops.selfsup.info_nce_fwd` (and `info_nce_dk` in backward),
+custom ops with fake implementations and registered autograd (`_custom_op.py`,
+docs/kernels-custom-ops.md), so `torch.compile(fullgraph=True)` traces them.
 - "ref": the `*_ref` functions, written like the papers (materialized logits + CE).
 
 normalize=True L2-normalizes in torch before the Function (autograd differentiates through
@@ -54,6 +58,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._custom_op import fused_op, join_temperature, placeholder, present, split_temperature
 from ._info_nce_torch import MoCoQueue, queue_sweep_torch, rows_sweep_torch
 from ._registry import KernelConfig, register_kernel
 from ._triton import tl, triton
@@ -624,83 +629,106 @@ def info_nce_dk(q, keys, lse2, temperature, *, self_mask, key_offset, key_mod):
     return part[0] if n_splits == 1 else part.sum(0)
 
 
-# ----------------------------------------------------------------------------- autograd
-class InfoNCEFunction(torch.autograd.Function):
-    """Rows q against a key matrix; never saves logits, only per-row results.
+# ----------------------------------------------------------------------------- custom ops
+# Rows q against a key matrix; never saves logits, only per-row results (`_custom_op.py` has
+# the conventions). mode "queue": keys = the queue (no grad), pos = k (an extra positive
+# logit per row). mode "batch": pos = None, the positive of row i is keys[i + offset].
+# mode "nt_xent": q and keys are the same z, self excluded, positive (i + offset) mod 2N with
+# offset = N; autograd sums z's query and key gradients.
+# The query gradient (and the portable path's key gradient) is computed in forward, in the
+# accumulation dtype; backward multiplies it by the upstream gradient in that dtype and only
+# then casts it to the input's dtype (fp16 keeps GradScaler's scale).
+def _fwd_fake(q, keys, pos, t_tensor, t_float, mode, offset, backend, need_dq, need_dk,
+              need_dpos):
+    """Outputs (loss, dq, coef, lse2, dk); unused slots are empty (`placeholder`)."""
+    acc = compute_dtype(q.dtype)
+    (n, c), m = q.shape, keys.shape[0]
+    empty = functools.partial(q.new_empty, dtype=acc)
+    triton_dk = backend == "triton" and need_dk  # lse feeds the key-gradient sweep
+    torch_dk = backend != "triton" and need_dk and mode != "queue"
+    return (empty(()), empty((n, c) if need_dq else 0), empty(n if mode == "queue" else 0),
+            empty(n if triton_dk else 0), empty((m, c) if torch_dk else 0))
 
-    mode "queue": keys = the queue (no grad), pos = k (an extra positive logit per row).
-    mode "batch": pos = None, the positive of row i is keys[i + offset].
-    mode "nt_xent": q and keys are the same z; self excluded; positive (i + offset) mod 2N,
-    offset = N. Autograd sums the query and key gradients of z.
-    The query gradient (and the portable path's key gradient) is computed in forward, in the
-    accumulation dtype; backward multiplies it by the upstream gradient in that dtype, and
-    only then does autograd cast it to the input's dtype (fp16 keeps GradScaler's scale).
-    """
 
-    @staticmethod
-    def forward(ctx, q, keys, pos, temperature, mode, offset, backend, need_dq, need_dk,
-                need_dpos):
-        ctx.set_materialize_grads(False)
-        ctx.meta = (mode, len(q), temperature, backend, offset)
-        # the sweeps pick their own precision: autocast must not recast their GEMMs
-        with torch.autocast(q.device.type, enabled=False):
-            loss, saved = InfoNCEFunction._sweep(q, keys, pos, temperature, mode, offset,
-                                                 backend, need_dq, need_dk, need_dpos)
-        ctx.save_for_backward(*saved)
-        return loss
-
-    @staticmethod
-    def _sweep(q, keys, pos, temperature, mode, offset, backend, need_dq, need_dk, need_dpos):
-        """(mean loss, tensors for backward: dq, coef, q, keys or dk, lse)."""
-        n, m = len(q), len(keys)
+@fused_op("info_nce_fwd", fake=_fwd_fake)
+def _info_nce_fwd_op(q: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor | None,
+                     t_tensor: torch.Tensor | None, t_float: float, mode: str, offset: int,
+                     backend: str, need_dq: bool, need_dk: bool, need_dpos: bool,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
+    temperature = join_temperature(t_tensor, t_float)
+    n, m = len(q), len(keys)
+    # the sweeps pick their own precision: autocast must not recast their GEMMs
+    with torch.autocast(q.device.type, enabled=False):
         if backend == "triton":
-            if mode == "queue":
-                loss, lse, dq, coef = info_nce_fwd(
-                    q, keys, pos, temperature, self_mask=False, extra_pos=True, pos_offset=0,
-                    pos_mod=n, compute_dq=need_dq)
-            else:
-                loss, lse, dq, coef = info_nce_fwd(
-                    q, keys, keys, temperature, self_mask=mode == "nt_xent", extra_pos=False,
-                    pos_offset=offset, pos_mod=m, compute_dq=need_dq)
-            # key gradients come from their own sweep in backward
-            saved = (dq, coef, q if need_dk or need_dpos else None, keys if need_dk else None,
-                     lse if need_dk else None)
+            loss, lse, dq, coef = info_nce_fwd(
+                q, keys, pos if mode == "queue" else keys, temperature,
+                self_mask=mode == "nt_xent", extra_pos=mode == "queue",
+                pos_offset=0 if mode == "queue" else offset, pos_mod=n if mode == "queue" else m,
+                compute_dq=need_dq)
+            dk = None  # key gradients come from their own sweep in backward
+            lse = lse if need_dk else None
+        elif mode == "queue":
+            loss, dq, coef = queue_sweep_torch(q, pos, keys, temperature, compute_dq=need_dq)
+            lse = dk = None
         else:
-            if mode == "queue":
-                loss, dq, coef = queue_sweep_torch(q, pos, keys, temperature,
-                                                   compute_dq=need_dq)
-                dk = None  # the queue takes no gradient
-            else:
-                pos_idx = (torch.arange(n, device=q.device) + offset) % m
-                loss, dq, dk = rows_sweep_torch(
-                    q, keys, temperature, pos_idx, self_mask=mode == "nt_xent",
-                    compute_dq=need_dq, compute_dk=need_dk)
-                coef = None
-            saved = (dq, coef, q if need_dpos else None, dk, None)
-        return loss.mean(), saved
+            pos_idx = (torch.arange(n, device=q.device) + offset) % m
+            loss, dq, dk = rows_sweep_torch(q, keys, temperature, pos_idx,
+                                            self_mask=mode == "nt_xent", compute_dq=need_dq,
+                                            compute_dk=need_dk)
+            coef = lse = None
+    acc = loss.dtype
+    return tuple(placeholder(q, acc) if x is None else x
+                 for x in (loss.mean(), dq, coef, lse, dk))
 
-    @staticmethod
-    def backward(ctx, grad):
-        mode, n, temperature, backend, offset = ctx.meta
-        dq, coef, q, keys_or_dk, lse = ctx.saved_tensors
-        if grad is None:
-            return (None,) * 10
-        scale = grad / n  # d mean / d loss_i, in the loss's (accumulation) dtype
-        dq_out = dk_out = dpos_out = None
-        if ctx.needs_input_grad[0] and dq is not None:
-            dq_out = dq * scale
-        if ctx.needs_input_grad[1] and mode != "queue":
-            if backend == "triton":
-                dk = info_nce_dk(q, keys_or_dk, lse, temperature, self_mask=mode == "nt_xent",
-                                 key_offset=len(keys_or_dk) - offset if mode == "batch"
-                                 else offset, key_mod=len(keys_or_dk))
-            else:
-                dk = keys_or_dk
-            dk_out = dk * scale
-        if mode == "queue" and ctx.needs_input_grad[2]:
-            dpos_out = (coef[:, None] * q.to(coef.dtype)) * scale
-        return dq_out, dk_out, dpos_out, None, None, None, None, None, None, None
 
+@fused_op("info_nce_dk", fake=lambda q, keys, lse2, t_tensor, t_float, self_mask, key_offset,
+          key_mod: keys.new_empty(keys.shape, dtype=compute_dtype(q.dtype)))
+def _info_nce_dk_op(q: torch.Tensor, keys: torch.Tensor, lse2: torch.Tensor,
+                    t_tensor: torch.Tensor | None, t_float: float, self_mask: bool,
+                    key_offset: int, key_mod: int) -> torch.Tensor:
+    """The Triton key-gradient sweep (`info_nce_dk`) as an op, for backward."""
+    with torch.autocast(q.device.type, enabled=False):
+        return info_nce_dk(q, keys, lse2, join_temperature(t_tensor, t_float),
+                           self_mask=self_mask, key_offset=key_offset, key_mod=key_mod)
+
+
+def _setup_context(ctx, inputs, output):
+    q, keys, pos, t_tensor, t_float, mode, offset, backend = inputs[:8]
+    _, dq, coef, lse, dk = output
+    ctx.meta = (mode, offset, backend, t_float, q.dtype, keys.dtype,
+                None if pos is None else pos.dtype)
+    triton_dk = backend == "triton" and mode != "queue"
+    ctx.save_for_backward(q, keys if triton_dk else None, t_tensor, dq, coef, lse, dk)
+
+
+def _backward(ctx, grad, *_unused):
+    mode, offset, backend, t_float, q_dt, keys_dt, pos_dt = ctx.meta
+    q, keys, t_tensor, dq, coef, lse, dk = ctx.saved_tensors
+    scale = grad / q.shape[0]  # d mean / d loss_i, in the loss's (accumulation) dtype
+    dq_out = dk_out = dpos_out = None
+    if ctx.needs_input_grad[0] and present(dq) is not None:
+        dq_out = (dq * scale).to(q_dt)
+    if ctx.needs_input_grad[1] and mode != "queue":
+        if backend == "triton":
+            m = keys.shape[0]
+            dk = _info_nce_dk_op(q, keys, lse, t_tensor, t_float, mode == "nt_xent",
+                                 m - offset if mode == "batch" else offset, m)
+        dk_out = (dk * scale).to(keys_dt)
+    if mode == "queue" and ctx.needs_input_grad[2]:
+        dpos_out = (coef[:, None] * q.to(coef.dtype) * scale).to(pos_dt)
+    return dq_out, dk_out, dpos_out, None, None, None, None, None, None, None, None
+
+
+_info_nce_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fused(q, keys, pos, temperature, mode, offset, backend, need_dq, need_dk, need_dpos):
+    """The mean loss through ``torch.ops.selfsup.info_nce_fwd`` (its other outputs are what
+    backward needs)."""
+    t_tensor, t_float = split_temperature(temperature)
+    return _info_nce_fwd_op(q, keys, pos, t_tensor, t_float, mode, offset, backend, need_dq,
+                            need_dk, need_dpos)[0]
 
 # ----------------------------------------------------------------------------- public API
 def _backend(*tensors: torch.Tensor) -> str:
@@ -736,7 +764,7 @@ def info_nce_queue(q, k, queue, temperature, *, normalize=True):
     if normalize:
         q, k = _normalize(q), _normalize(k)
     grad = torch.is_grad_enabled()
-    return InfoNCEFunction.apply(q, queue, k, temperature, "queue", 0, backend,
+    return _fused(q, queue, k, temperature, "queue", 0, backend,
                                  grad and q.requires_grad, False, grad and k.requires_grad)
 
 
@@ -763,7 +791,7 @@ def info_nce_batch(q, k, temperature, *, positive_offset=0, normalize=True):
     if normalize:
         q, k = _normalize(q), _normalize(k)
     grad = torch.is_grad_enabled()
-    return InfoNCEFunction.apply(q, k, None, temperature, "batch", positive_offset, backend,
+    return _fused(q, k, None, temperature, "batch", positive_offset, backend,
                                  grad and q.requires_grad, grad and k.requires_grad, False)
 
 
@@ -788,5 +816,5 @@ def nt_xent(z1, z2, temperature, *, normalize=True):
     if normalize:
         z = _normalize(z)
     need = torch.is_grad_enabled() and z.requires_grad
-    return InfoNCEFunction.apply(z, z, None, temperature, "nt_xent", len(z1), backend,
+    return _fused(z, z, None, temperature, "nt_xent", len(z1), backend,
                                  need, need, False)

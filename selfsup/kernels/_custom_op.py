@@ -1,0 +1,74 @@
+"""Fused ops as torch custom ops: the shared machinery (issue 23.1).
+
+A raw Triton launch (or a Python loop over chunks) inside a compiled region breaks
+`torch.compile(fullgraph=True)`: Dynamo cannot trace `kernel[grid](...)`, data-dependent
+Python, or an `autograd.Function` whose forward allocates and launches. So each kernel module
+declares its forward and backward as opaque ops in the ``selfsup`` namespace
+(``torch.ops.selfsup.<name>``):
+
+- the *body* is the launcher (Triton on CUDA or under the interpreter, or the portable torch
+  path, per the `backend` string the public API chose with `choose_backend`, eagerly, before
+  the op: dispatch rules and input validation stay exactly as without compile);
+- a *fake* implementation gives the outputs' shapes and dtypes from the inputs' (symbolic)
+  sizes, so Dynamo, AOTAutograd and `dynamic=True` never run the body;
+- the autograd formula is registered with the op (`register_autograd`): the forward op
+  returns what backward needs (e.g. InfoNCE's query gradient, computed in the same sweep),
+  `setup_context` saves it, and backward is plain torch plus, where a second sweep is needed,
+  another op of the same kind.
+
+Why `custom_op` and not `triton_op`: a `triton_op` body must be traceable down to the
+`wrap_triton` launches, but our bodies choose tiles, splits and buffers in Python, run the
+interpreter on CPU, and share one op with the portable path. Inductor cannot fuse into our
+kernels either way; opaque ops cost one Python call each.
+
+Constraints a body must keep (checked by `torch.library.opcheck`): outputs are fresh tensors
+(never an input, a view of one, or one tensor twice), so an output a path does not compute is
+`placeholder(...)`, an empty tensor; the fake returns exactly the same shapes, dtypes and
+devices for the same arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+NAMESPACE = "selfsup"
+
+
+def fused_op(name: str, *, fake: Callable, mutates_args: Iterable[str] = ()) -> Callable:
+    """Decorator: the annotated function becomes ``torch.ops.selfsup.<name>`` with `fake` as
+    its fake (meta) implementation. Returns the op (call it like the function)."""
+
+    def wrap(fn: Callable):
+        op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=tuple(mutates_args))
+        op.register_fake(fake)
+        return op
+
+    return wrap
+
+
+def placeholder(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty tensor standing for an output this call does not compute (custom ops cannot
+    return None in a tensor slot); one fresh tensor per slot."""
+    return like.new_empty(0, dtype=dtype or like.dtype)
+
+
+def present(t: torch.Tensor | None) -> torch.Tensor | None:
+    """None for a `placeholder`, else `t` (a real output always has numel >= 1 here: every
+    op validates N >= 1 and C >= 1 before it is entered)."""
+    return None if t is None or t.numel() == 0 else t
+
+
+def split_temperature(value) -> tuple[torch.Tensor | None, float]:
+    """A validated temperature (float or 0-d tensor) as the two op arguments
+    ``(tensor or None, float)``: op schemas take one type per argument. A tensor is passed as
+    a tensor (never read on the host); the float slot is then unused (0.0)."""
+    if isinstance(value, torch.Tensor):
+        return value, 0.0
+    return None, float(value)
+
+
+def join_temperature(tensor: torch.Tensor | None, value: float):
+    """Inverse of `split_temperature`, inside an op body."""
+    return value if tensor is None else tensor
