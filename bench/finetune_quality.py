@@ -1,19 +1,23 @@
 """Issue 25.3's quality row: MAE fine-tuned vs linear probe vs random init, at equal budget.
 
-    python bench/finetune_quality.py             # pretrain (or reuse), then the three runs
+    python bench/finetune_quality.py             # pretrain (or reuse), then every run
     python bench/finetune_quality.py --table     # the markdown table of the recorded results
     python bench/finetune_quality.py --scale 0.05  # a smoke run (writes nothing under bench/)
 
 1. Pretrain MAE with bench/quality.py's "mae" row (= train.py's demo recipe: ViT-tiny, patch 4,
    16-px Fashion-MNIST, 520 x 128, about 6 CPU minutes). A finished run in --out is reused,
    with the figures recorded when it ran.
-2. From that checkpoint, with the same number of steps, batch and data, scored on
-   Fashion-MNIST's full 10k test split (see RUNS for the flags and why):
+2. From that checkpoint, at two budgets (100 and 300 steps of 128: 0.2 and 0.64 epoch), the
+   same steps, batch and data for every row of a budget, scored on Fashion-MNIST's full 10k
+   test split (see RUNS for the flags and why):
    - fine-tuned: selfsup.finetune's ViT recipe (AdamW, layer decay 0.75, drop path 0.1,
      smoothing 0.1, 5% warm-up, cosine) at a peak lr of 1e-3, crops 0.5-1, no mixing;
+   - fine-tuned, no layer decay: the same with --layer-decay 1.0, i.e. exactly the random-init
+     row's recipe, so the pair isolates what the pretrained weights bring;
    - linear probe: `--linear-probe` (frozen encoder, BN + linear), AdamW at lr 1e-3;
    - random init: the fine-tuning from the untrained encoder, without layer decay;
-   - and the paper recipe as it stands (blr 5e-4, mixup / cutmix / erasing, crops 0.2-1).
+   - at 300 steps only: the paper recipe as it stands (blr 5e-4, mixup / cutmix / erasing,
+     crops 0.2-1), and the probe on 0.2-1 crops.
    CPU time is the process's user + sys time at one torch thread (the machine is shared;
    wall time depends on the neighbours).
 Results: bench/results/finetune.json and finetune.md.
@@ -34,7 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import quality  # noqa: E402  (bench/quality.py: the MAE pretraining row, CPU clock, threads)
 
-STEPS, BATCH = 300, 128
+BUDGETS, BATCH = (100, 300), 128  # steps; the last is the main budget
 COMMON = ["--batch-size", str(BATCH), "--device", "cpu", "--workers", "1", "--log-every", "50",
           "--seed", "0"]
 # The three compared rows share a recipe sized for 300 steps (0.64 epoch): the head's peak lr
@@ -54,10 +58,12 @@ RUNS = {  # name -> extra flags after --checkpoint RUN --steps N
     # no layer decay from random init: it presumes pretrained lower layers (MAE's from-scratch
     # baseline has none either)
     "random init": SHORT + NO_MIXING + ["--random-init", "--layer-decay", "1.0"],
+    "fine-tuned, no layer decay": SHORT + NO_MIXING + ["--layer-decay", "1.0"],
     "fine-tuned, paper recipe": ["--crop-scale", "0.2", "1.0"],
     "linear probe, crops 0.2-1": ["--crop-scale", "0.2", "1.0", "--linear-probe",
                                   "--optimizer", "adamw", "--lr", "1e-3"],
 }
+MAIN_BUDGET_ONLY = ("fine-tuned, paper recipe", "linear probe, crops 0.2-1")
 
 
 def pretrain(out: Path, scale: float) -> tuple[dict, Path]:
@@ -76,7 +82,7 @@ def run_one(name: str, ckpt: Path, steps: int, out: Path) -> dict:
     from selfsup.finetune import build_parser, run
 
     argv = ["--checkpoint", str(ckpt), "--steps", str(steps), *COMMON, *RUNS[name],
-            "--out", str(out / name.replace(" ", "-"))]
+            "--out", str(out / f"{name.replace(' ', '-').replace(',', '')}-{steps}")]
     cpu0, wall0 = quality.cpu_seconds(), time.perf_counter()
     summary = run(build_parser().parse_args(argv))
     cpu, wall = quality.cpu_seconds() - cpu0, time.perf_counter() - wall0
@@ -121,9 +127,10 @@ def table(result: dict) -> str:
 def merge(path: Path, pre: dict, rows: list[dict]) -> dict:
     """The recorded result with `rows` replacing those of the same name (in RUNS' order)."""
     old = json.loads(path.read_text()) if path.exists() else {}
-    by_name = {r["name"]: {"code": old.get("code"), **r} for r in old.get("rows", [])}
-    by_name.update({r["name"]: r for r in rows})
-    rows = [by_name[n] for n in RUNS if n in by_name]
+    key = lambda r: (r["name"], r["steps"])  # noqa: E731
+    by_key = {key(r): {"code": old.get("code"), **r} for r in old.get("rows", [])}
+    by_key.update({key(r): r for r in rows})
+    rows = sorted(by_key.values(), key=lambda r: (r["steps"], list(RUNS).index(r["name"])))
     return dict(pretrain=pre, rows=rows, threads=quality.torch_threads(),
                 machine=platform.processor() or platform.machine(),
                 total_cpu_s=round(pre["cpu_s"] + sum(r["cpu_s"] for r in rows), 1),
@@ -136,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "finetune.json"))
     p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS),
                    help="a subset: their rows replace the recorded ones")
+    p.add_argument("--budgets", nargs="+", type=int, choices=BUDGETS, default=list(BUDGETS),
+                   help="steps of the budgets to run")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of every run's steps")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", action="store_true", help="only print the recorded table")
@@ -148,12 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     pre, ckpt = pretrain(out, a.scale)
     print(json.dumps(pre), flush=True)
-    steps = max(2, round(STEPS * a.scale))
     rows = []
-    for name in a.runs:
-        rows.append({**run_one(name, ckpt, steps, out if a.scale == 1.0 else out / "smoke"),
-                     "code": code})
-        print(json.dumps(rows[-1]), flush=True)
+    for budget in a.budgets:
+        steps = max(2, round(budget * a.scale))
+        for name in a.runs:
+            if name in MAIN_BUDGET_ONLY and budget != BUDGETS[-1]:
+                continue
+            rows.append({**run_one(name, ckpt, steps,
+                                   out if a.scale == 1.0 else out / "smoke"), "code": code})
+            print(json.dumps(rows[-1]), flush=True)
     if a.scale != 1.0:  # smoke runs never touch the recorded results
         print(table(dict(pretrain=pre, rows=rows)))
         return 0
