@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ._utils import _check_positive
+
 NAMESPACE = "selfsup"
 
 
@@ -69,6 +71,19 @@ def split_temperature(value) -> tuple[torch.Tensor | None, float]:
     return None, float(value)
 
 
-def join_temperature(tensor: torch.Tensor | None, value: float):
-    """Inverse of `split_temperature`, inside an op body."""
-    return value if tensor is None else tensor
+def join_temperature(tensor: torch.Tensor | None, value: float, name: str = "temperature",
+                     device: torch.device | None = None):
+    """Inverse of `split_temperature`, inside an op body.
+
+    A CPU tensor is checked here (ValueError naming `name` unless finite and > 0): eager
+    calls checked it before the op already, but a compiled graph cannot read it while tracing,
+    and the body is where it is a real tensor (reading host memory waits for no device). With
+    `device` (the inputs'), a CPU tensor for inputs elsewhere becomes that float.
+    """
+    if tensor is None:
+        return value
+    if tensor.device.type == "cpu":
+        v = _check_positive(name, tensor.item())
+        if device is not None and device.type != "cpu":
+            return v
+    return tensor

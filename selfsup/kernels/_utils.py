@@ -199,7 +199,10 @@ def check_temperature(name: str, value: object, *, allow_tensor: bool = False):
         else:
             t = value.reshape(())
             if t.device.type == "cpu":
-                _check_positive(name, t.item())
+                # under torch.compile a host read would break the graph: the op that takes
+                # it checks it in its body (`_custom_op.join_temperature`)
+                if not torch.compiler.is_compiling():
+                    _check_positive(name, t.item())
             else:
                 torch._assert_async((t > 0) & torch.isfinite(t),
                                     f"{name} must be a finite number > 0")

@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
+from ._custom_op import fused_op, join_temperature, placeholder, split_temperature
 from ._registry import KernelConfig, register_kernel
 from ._triton import tl, triton
 from ._utils import (
@@ -114,8 +115,8 @@ def _temperature(name, value, like):
     tensor becomes a float: reading host memory waits for nothing)."""
     tau = check_temperature(name, value, allow_tensor=True)
     if isinstance(tau, torch.Tensor):
-        if tau.device.type == "cpu":
-            return float(tau)
+        if tau.device.type == "cpu":  # compiled: the op reads it (a host read breaks graphs)
+            return tau if torch.compiler.is_compiling() else float(tau)
         if isinstance(like, torch.Tensor) and tau.device != like.device:
             raise ValueError(f"{name} must be a number or a tensor on {like.device} (or the "
                              f"CPU), got a tensor on {tau.device}")
@@ -137,7 +138,8 @@ def _validate(student_out, teacher_out, center, student_temp, teacher_temp, n_gl
     if t.shape[1] != k:
         raise ValueError(f"teacher_out must have K={k} columns like student_out, got shape "
                          f"{tuple(t.shape)}")
-    if c.shape not in ((k,), (1, k)):
+    # not `c.shape in ((k,), (1, k))`: Dynamo evaluates that wrongly with symbolic sizes
+    if c.shape[-1] != k or (c.dim() == 2 and c.shape[0] != 1):
         raise ValueError(f"center must have shape (1, {k}) or ({k},), got {tuple(c.shape)}")
     if t.shape[0] == 0 or t.shape[0] % n_global:
         raise ValueError(f"teacher_out must have n_global*B rows (n_global={n_global}, B >= 1), "
@@ -666,50 +668,88 @@ def dino_loss_fwd_torch(student_out, teacher_out, center, student_temp, teacher_
     return loss, ent / gb, colsum, ds
 
 
-# ----------------------------------------------------------------------------- autograd
-class DINOLossFunction(torch.autograd.Function):
-    """(student, teacher, center, tau_s, tau_t, n_global, backend) -> (loss, H, colsum).
+# ----------------------------------------------------------------------------- custom ops
+# (`_custom_op.py` has the conventions.) The forward op returns (loss, H, colsum) and what
+# backward needs: Triton's saved tensors (c, params, psum, lse_t, lse_s; S and T are inputs),
+# or the portable path's dS. Backward: Triton recomputes dS from them (so retain_graph may
+# run it twice); the portable path scales the dS its forward wrote. Either way the upstream
+# gradient meets dS in fp32 before dS is rounded to fp16. H and colsum are non-differentiable.
+def _fwd_fake(student_out, teacher_out, center, ts_tensor, ts, tt_tensor, tt, n_global,
+              backend, need_grad):
+    acc = compute_dtype(student_out.dtype)
+    (vb, k), gb = student_out.shape, teacher_out.shape[0]
+    empty = functools.partial(student_out.new_empty, dtype=acc)
+    if backend == "triton":
+        saved = (empty(k), empty(3), empty((gb // n_global, k)), empty(gb), empty(vb))
+        ds = student_out.new_empty(0)
+    else:
+        saved = tuple(empty(0) for _ in range(5))
+        ds = student_out.new_empty((vb, k) if need_grad else 0,
+                                   dtype=_grad_buffer_dtype(student_out.dtype))
+    return (empty(()), empty(()), empty(k), *saved, ds)
 
-    Used only when the student needs a gradient. Triton: backward recomputes dS from S, T and
-    the saved psum / row LSEs (so it may run twice under retain_graph). Portable: the forward
-    writes dS and backward scales it, handing the buffer over once. Either way the upstream
-    gradient is applied in fp32 before dS is rounded to fp16. The entropy and the column
-    sums are non-differentiable side outputs.
-    """
 
-    @staticmethod
-    def forward(ctx, student_out, teacher_out, center, student_temp, teacher_temp, n_global,
-                backend):
-        ctx.backend, ctx.dtype = backend, student_out.dtype
-        if backend == "triton":
-            loss, ent, colsum, saved = dino_loss_fwd_triton(
-                student_out, teacher_out.detach(), center.detach(), student_temp,
-                teacher_temp, n_global)
-            ctx.save_for_backward(*saved)
-        else:
-            loss, ent, colsum, ctx.ds = dino_loss_fwd_torch(
-                student_out, teacher_out.detach(), center.detach(), student_temp,
-                teacher_temp, n_global, True)
-        ctx.mark_non_differentiable(ent, colsum)
-        return loss, ent, colsum
+@fused_op("dino_loss_fwd", fake=_fwd_fake)
+def _dino_fwd_op(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor,
+                 ts_tensor: torch.Tensor | None, ts: float, tt_tensor: torch.Tensor | None,
+                 tt: float, n_global: int, backend: str, need_grad: bool,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                            torch.Tensor]:
+    dev = student_out.device
+    ts_, tt_ = (join_temperature(tensor, value, name, dev) for tensor, value, name in
+                ((ts_tensor, ts, "student_temp"), (tt_tensor, tt, "teacher_temp")))
+    args = (student_out, teacher_out, center, ts_, tt_, n_global)
+    acc = compute_dtype(student_out.dtype)
+    if backend == "triton":
+        loss, ent, colsum, saved = dino_loss_fwd_triton(*args)
+        return loss, ent, colsum, *saved[2:], placeholder(student_out)
+    loss, ent, colsum, ds = dino_loss_fwd_torch(*args, need_grad)
+    empties = tuple(placeholder(student_out, acc) for _ in range(5))
+    return loss, ent, colsum, *empties, placeholder(student_out) if ds is None else ds
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_ent, grad_colsum):
-        if ctx.backend == "triton":
-            return dino_loss_bwd_triton(ctx.saved_tensors, grad_loss), *([None] * 6)
-        ds, ctx.ds = ctx.ds, None  # released so autograd can take it as .grad without a copy
-        if ds is None:
-            raise RuntimeError("dino_loss's portable path computes its gradient in the "
-                               "forward and hands it over once: backward through it twice "
-                               "is not supported")
-        if ds.dtype != ctx.dtype:  # fp16: the fp32 buffer takes the scale, then one rounding
-            ds = torch.mul(ds, grad_loss, out=torch.empty_like(ds, dtype=ctx.dtype))
-        elif not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
-            # a CPU scalar is read from host memory (no device sync); skipping the pass over
-            # dS for a plain loss.backward() keeps the CPU path at its speed
-            ds.mul_(grad_loss)
-        return ds, None, None, None, None, None, None
 
+@fused_op("dino_loss_bwd", fake=lambda s, t, c, par, psum, lse_t, lse_s, grad:
+          torch.empty_like(s, memory_format=torch.contiguous_format))
+def _dino_bwd_op(s: torch.Tensor, t: torch.Tensor, c: torch.Tensor, par: torch.Tensor,
+                 psum: torch.Tensor, lse_t: torch.Tensor, lse_s: torch.Tensor,
+                 grad: torch.Tensor) -> torch.Tensor:
+    """Triton's dS recompute (`dino_loss_bwd_triton`) as an op."""
+    return dino_loss_bwd_triton((_unit_cols(s), _unit_cols(t), c, par, psum, lse_t, lse_s),
+                                grad)
+
+
+@fused_op("dino_loss_scale_grad", fake=lambda ds, grad, dtype: torch.empty_like(ds, dtype=dtype))
+def _dino_scale_grad_op(ds: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype
+                        ) -> torch.Tensor:
+    """The portable path's backward: dS (fp32 for fp16 inputs) times the upstream gradient,
+    one rounding into a fresh tensor of `dtype`. Fresh, not in place: an op's output may not
+    alias its input, and it keeps a retain_graph second backward correct (it costs one more
+    dS-sized buffer in backward than the old in-place hand-over)."""
+    return torch.mul(ds, grad, out=torch.empty_like(ds, dtype=dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    student_out, teacher_out, _, _, _, _, _, _, backend, _ = inputs
+    ctx.backend, ctx.dtype = backend, student_out.dtype
+    if backend == "triton":
+        ctx.save_for_backward(student_out, teacher_out, *output[3:8])
+    else:
+        ctx.save_for_backward(output[8])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, *_unused):
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 10
+    if ctx.backend == "triton":
+        ds = _dino_bwd_op(*ctx.saved_tensors, grad_loss)
+    else:
+        ds = _dino_scale_grad_op(ctx.saved_tensors[0], grad_loss, ctx.dtype)
+    return ds, *([None] * 9)
+
+
+_dino_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- public API
 def _dino_loss_with_stats(student_out, teacher_out, center, *, student_temp=0.1,
@@ -727,12 +767,12 @@ def _dino_loss_with_stats(student_out, teacher_out, center, *, student_temp=0.1,
             ent = -(logp.exp() * logp).sum(-1).mean()
             colsum = teacher_out.sum(0, dtype=acc)
         return loss, ent, colsum
-    if not (torch.is_grad_enabled() and student_out.requires_grad):  # loss only: no dS pass
-        args = (student_out.detach(), teacher_out.detach(), center.detach(), ts, tt, n_global)
-        if backend == "triton":
-            return dino_loss_fwd_triton(*args)[:3]
-        return dino_loss_fwd_torch(*args, False)[:3]
-    return DINOLossFunction.apply(student_out, teacher_out, center, ts, tt, n_global, backend)
+    need_grad = torch.is_grad_enabled() and student_out.requires_grad  # else no dS pass
+    # teacher and center get no gradient: detached, the op's autograd tracks the student only
+    out = _dino_fwd_op(student_out, teacher_out.detach(), center.detach(),
+                       *split_temperature(ts), *split_temperature(tt), n_global, backend,
+                       need_grad)
+    return out[:3]
 
 
 def dino_loss(student_out, teacher_out, center, *, student_temp=0.1, teacher_temp=0.04,

@@ -656,7 +656,7 @@ def _info_nce_fwd_op(q: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor | No
                      backend: str, need_dq: bool, need_dk: bool, need_dpos: bool,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
-    temperature = join_temperature(t_tensor, t_float)
+    temperature = join_temperature(t_tensor, t_float)  # a CPU tensor checked > 0 here
     n, m = len(q), len(keys)
     # the sweeps pick their own precision: autocast must not recast their GEMMs
     with torch.autocast(q.device.type, enabled=False):

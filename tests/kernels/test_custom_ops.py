@@ -1,0 +1,329 @@
+"""The fused ops as torch custom ops (issue 23.1): opcheck, and torch.compile(fullgraph=True)
+against eager, of each op and of methods' losses.
+
+Both paths run: "torch" (the portable body) and "triton" (the kernels, through the CPU
+interpreter here). Compiled runs use the "aot_eager" backend: Dynamo + AOTAutograd are what
+graph breaks, fake implementations and the registered autograd depend on, while Inductor's C++
+compile costs tens of seconds per graph on this 2-core machine; `test_inductor_*` compile one
+graph per op family with Inductor. Every comparison covers the loss and every input gradient,
+with an upstream gradient of 1.7, in float32 and float64, at odd shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from selfsup.kernels import (
+    DINOLoss,
+    dino_loss,
+    dino_loss_ref,
+    info_nce_batch,
+    info_nce_queue,
+    info_nce_queue_ref,
+    nt_xent,
+)
+from selfsup.kernels import _info_nce_torch as inf_torch
+from selfsup.kernels import info_nce as inf
+from selfsup.kernels.testing import TOL64
+
+PATHS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.float64]
+UPSTREAM = 1.7
+# the module, not the function `selfsup.kernels.dino_loss` that shadows it as an attribute
+dl = importlib.import_module("selfsup.kernels.dino_loss")
+TOL = {torch.float64: TOL64, torch.float32: dict(rtol=2e-5, atol=1e-6)}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo(monkeypatch):
+    """Each test compiles from scratch (SELFSUP_KERNELS is read at trace time), with small
+    portable chunks so its chunk loops run more than once."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(inf_torch, "CHUNK_ELEMS", 60)
+    yield
+    torch._dynamo.reset()
+
+
+def _info_nce_inputs(kind, dtype, n=5, c=19, m=23):
+    """Odd shapes; the queue is unit-norm like MoCo's; the batch keys outnumber the rows."""
+    q, k = torch.randn(n, c, dtype=dtype), torch.randn(n, c, dtype=dtype)
+    if kind == "queue":
+        return (q, k, F.normalize(torch.randn(m, c, dtype=dtype), dim=1)), (True, True, False)
+    if kind == "batch":
+        return (q, torch.randn(m, c, dtype=dtype)), (True, True)
+    return (q, k), (True, True)
+
+
+INFO_NCE = {"queue": (info_nce_queue, {}), "batch": (info_nce_batch, {"positive_offset": 7}),
+            "nt_xent": (nt_xent, {})}
+
+
+def _loss_and_grads(fn, args, requires, *extra, **kw):
+    leaves = [a.detach().clone().requires_grad_(r) for a, r in zip(args, requires, strict=True)]
+    loss = fn(*leaves, *extra, **kw)
+    grads = torch.autograd.grad(loss, [x for x in leaves if x.requires_grad],
+                                grad_outputs=torch.full_like(loss, UPSTREAM))
+    return [loss.detach(), *grads]
+
+
+def _assert_all_close(got, want, dtype):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m, i=i: f"output {i}: {m}")
+
+
+def _compiled(fn, **kw):
+    """torch.compile(fn, fullgraph=True) counting the graphs it makes."""
+    counter = CompileCounterWithBackend(kw.pop("backend", "aot_eager"))
+    return torch.compile(fn, backend=counter, fullgraph=True, **kw), counter
+
+
+# ----------------------------------------------------------------------------- opcheck
+def _op_args(kind, path, dtype, t_tensor):
+    (q, k, *rest), _ = _info_nce_inputs(kind, dtype)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    t = (torch.tensor(0.2, dtype=dtype), 0.0) if t_tensor else (None, 0.2)
+    if kind == "queue":
+        return (q, rest[0], k, *t, "queue", 0, path, True, False, True)
+    if kind == "batch":  # k is the (M, C) key matrix here
+        return (q, k, None, *t, "batch", 7, path, True, True, False)
+    z = torch.cat([q, k]).detach().requires_grad_()
+    return (z, z, None, *t, "nt_xent", len(q), path, True, True, False)
+
+
+@pytest.mark.parametrize("t_tensor", [False, True], ids=["t-float", "t-tensor"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", list(INFO_NCE))
+def test_opcheck_info_nce(seed, kind, path, dtype, t_tensor):
+    # schema, fake tensors (static and dynamic shapes), autograd registration, AOT dispatch
+    args = _op_args(kind, path, dtype, t_tensor)
+    torch.library.opcheck(inf._info_nce_fwd_op, args)
+    if path == "triton" and kind != "queue":  # the backward's key-gradient sweep
+        lse2 = inf._info_nce_fwd_op(*args)[3].detach()
+        q, keys = args[0].detach(), args[1].detach()
+        torch.library.opcheck(inf._info_nce_dk_op, (q, keys, lse2, *args[3:5],
+                                                    kind == "nt_xent", 3, len(keys)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", PATHS)
+def test_opcheck_dino(seed, path, dtype):
+    s, t = torch.randn(4 * 3, 37, dtype=dtype).requires_grad_(), torch.randn(2 * 3, 37, dtype=dtype)
+    c = torch.randn(37, dtype=dtype) * 0.3
+    for ts in ((None, 0.1), (torch.tensor(0.1, dtype=dtype), 0.0)):
+        args = (s, t, c, *ts, None, 0.04, 2, path, True)
+        torch.library.opcheck(dl._dino_fwd_op, args)
+    out = dl._dino_fwd_op(*args)
+    g = torch.tensor(UPSTREAM, dtype=out[0].dtype)
+    if path == "triton":
+        saved = (x.detach() for x in out[3:8])
+        torch.library.opcheck(dl._dino_bwd_op, (s.detach(), t, *saved, g))
+    else:
+        torch.library.opcheck(dl._dino_scale_grad_op, (out[8].detach(), g, dtype))
+
+
+def test_ops_are_registered_in_the_selfsup_namespace():
+    for name in ("info_nce_fwd", "info_nce_dk", "dino_loss_fwd", "dino_loss_bwd",
+                 "dino_loss_scale_grad"):
+        assert hasattr(torch.ops.selfsup, name), name
+
+
+# ----------------------------------------------------------------------------- compiled ops
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", list(INFO_NCE))
+def test_compiled_info_nce_matches_eager(seed, backend, kind, path, dtype):
+    backend(path)
+    fn, kw = INFO_NCE[kind]
+    args, requires = _info_nce_inputs(kind, dtype)
+    cfn, counter = _compiled(fn)
+    for temperature in (0.04, torch.tensor(0.3, dtype=dtype)):
+        eager = _loss_and_grads(fn, args, requires, temperature, **kw)
+        got = _loss_and_grads(cfn, args, requires, temperature, **kw)
+        _assert_all_close(got, eager, dtype)
+    assert counter.frame_count >= 1 and counter.op_count >= 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_compiled_info_nce_dynamic_shapes(seed, backend, path):
+    # one graph for two batch sizes and queue lengths: the fake impls use symbolic sizes
+    backend(path)
+    # (frame_count may be 2 after the first call: Dynamo restarts once to specialize the
+    # float temperature; what matters is that the second shape compiles nothing new)
+    cfn, counter = _compiled(info_nce_queue, dynamic=True)
+    frames = []
+    for n, m in ((5, 23), (7, 31)):
+        args, requires = _info_nce_inputs("queue", torch.float64, n=n, m=m)
+        got = _loss_and_grads(cfn, args, requires, 0.2)
+        _assert_all_close(got, _loss_and_grads(info_nce_queue_ref, args, requires, 0.2),
+                          torch.float64)
+        frames.append(counter.frame_count)
+    cfn, counter = _compiled(nt_xent, dynamic=True)
+    for n in (5, 6):
+        args, requires = _info_nce_inputs("nt_xent", torch.float64, n=n)
+        got = _loss_and_grads(cfn, args, requires, 0.1)
+        _assert_all_close(got, _loss_and_grads(nt_xent, args, requires, 0.1), torch.float64)
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1] == frames[0] and frames[2] >= 1 and frames[3] == frames[2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", PATHS)
+def test_compiled_dino_matches_eager(seed, backend, path, dtype):
+    backend(path)
+    s = torch.randn(5 * 3, 37, dtype=dtype) * 2
+    t, c = torch.randn(2 * 3, 37, dtype=dtype), torch.randn(37, dtype=dtype) * 0.3
+    cfn, counter = _compiled(dino_loss, dynamic=True)
+    for tt in (0.04, torch.tensor(0.07, dtype=dtype)):
+        kw = dict(teacher_temp=tt, student_temp=0.1)
+        eager = _loss_and_grads(dino_loss, (s, t, c), (True, False, False), **kw)
+        got = _loss_and_grads(cfn, (s, t, c), (True, False, False), **kw)
+        _assert_all_close(got, eager, dtype)
+    if dtype == torch.float64:
+        ref = _loss_and_grads(dino_loss_ref, (s, t, c), (True, False, False), teacher_temp=0.04)
+        _assert_all_close(_loss_and_grads(cfn, (s, t, c), (True, False, False),
+                                          teacher_temp=0.04), ref, dtype)
+    assert counter.frame_count >= 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_compiled_dino_module_updates_its_center_like_eager(seed, backend, path):
+    backend(path)
+    eager, compiled = DINOLoss(37).double(), DINOLoss(37).double()
+    cmod, _ = _compiled(compiled)
+    for _ in range(2):  # the second call sees the first one's center update
+        s = torch.randn(4 * 3, 37, dtype=torch.float64)
+        t = torch.randn(2 * 3, 37, dtype=torch.float64)
+        want = _loss_and_grads(eager, (s, t), (True, False))
+        got = _loss_and_grads(cmod, (s, t), (True, False))
+        _assert_all_close(got, want, torch.float64)
+        torch.testing.assert_close(compiled.center, eager.center, **TOL64)
+        torch.testing.assert_close(compiled.last_stats["kl"], eager.last_stats["kl"], **TOL64)
+
+
+def test_compiled_triton_path_still_launches_through_the_recorder(backend):
+    # the op bodies call the module's launchers, which the launch recorder patches
+    from launch_recorder import LaunchRecorder
+
+    backend("triton")
+    args, requires = _info_nce_inputs("batch", torch.float32)
+    cfn, _ = _compiled(info_nce_batch)
+    with LaunchRecorder() as rec:
+        _loss_and_grads(cfn, args, requires, 0.2)
+    kernels = {x.kernel.rsplit(".", 1)[-1] for x in rec.launches}
+    assert {"_info_nce_fwd_kernel", "_info_nce_merge_kernel", "_info_nce_dk_kernel"} <= kernels
+    backend("torch")
+    torch._dynamo.reset()
+    with LaunchRecorder() as rec:
+        _loss_and_grads(_compiled(info_nce_batch)[0], args, requires, 0.2)
+    assert not rec.launches
+
+
+def test_validation_errors_are_still_value_errors_when_compiled(backend):
+    backend("torch")
+    q, k = torch.randn(4, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="k must have N=4 rows"):
+        torch.compile(info_nce_queue, backend="aot_eager")(q, k, torch.randn(5, 8), 0.2)
+    # a CPU tensor temperature is read by the op's body, not while tracing: still ValueError
+    for fullgraph in (False, True):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            torch.compile(nt_xent, backend="aot_eager", fullgraph=fullgraph)(
+                q, q, torch.tensor(-1.0))
+    s, t = torch.randn(3 * 2, 8), torch.randn(2 * 2, 8)
+    with pytest.raises(ValueError, match="teacher_temp must be a finite number > 0"):
+        torch.compile(dino_loss, backend="aot_eager", fullgraph=True)(
+            s, t, torch.zeros(8), teacher_temp=torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("fn,kind", [(info_nce_queue, "queue"), (nt_xent, "nt_xent")])
+def test_inductor_info_nce_matches_eager(seed, backend, fn, kind):
+    backend("torch")
+    args, requires = _info_nce_inputs(kind, torch.float32)
+    cfn, counter = _compiled(fn, backend="inductor")
+    got = _loss_and_grads(cfn, args, requires, 0.1)
+    _assert_all_close(got, _loss_and_grads(fn, args, requires, 0.1), torch.float32)
+    assert counter.frame_count == 1
+
+
+def test_inductor_dino_matches_eager(seed, backend):
+    backend("torch")
+    s, t, c = torch.randn(4 * 3, 37), torch.randn(2 * 3, 37), torch.randn(37) * 0.3
+    cfn, counter = _compiled(dino_loss, backend="inductor")
+    got = _loss_and_grads(cfn, (s, t, c), (True, False, False))
+    _assert_all_close(got, _loss_and_grads(dino_loss, (s, t, c), (True, False, False)),
+                      torch.float32)
+    assert counter.frame_count == 1
+
+
+# ----------------------------------------------------------------------------- method losses
+def _method(name, extra):
+    from selfsup.engine.config import build_parser, resolve
+    from selfsup.engine.trainer import method_class
+
+    argv = ["--method", name, "--data", "fashion-mnist-sample", "--device", "cpu", "--arch",
+            "resnet_tiny", "--img-size", "32", "--batch-size", "4", *extra]
+    cfg = resolve(vars(build_parser().parse_args(argv)), method_class(name).preset)
+    cfg.extra.update(steps_per_epoch=10, schedule_steps=10, world_size=1)
+    return method_class(name)(cfg).double()
+
+
+def _method_loss_and_grads(fn, params, *inputs):
+    loss = fn(*inputs)
+    grads = torch.autograd.grad(loss * UPSTREAM, params)
+    return [loss.detach(), *grads]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name,extra", [("mocov2", ["--queue-size", "37"]), ("simclr", []),
+                                        ("mocov3", [])])
+def test_compiled_method_forward_matches_eager(seed, backend, path, name, extra):
+    # the whole method forward (backbone, heads, key encoder, fused loss) in one graph
+    backend(path)
+    method = _method(name, extra)
+    twin = copy.deepcopy(method)
+    views = [torch.randn(6, 3, 32, 32, dtype=torch.float64) for _ in range(2)]
+    cfwd, counter = _compiled(twin.forward)
+    params = [p for p in method.parameters() if p.requires_grad]
+    twin_params = [p for p in twin.parameters() if p.requires_grad]
+    want = _method_loss_and_grads(lambda v: method(v)["loss"], params, views)
+    got = _method_loss_and_grads(lambda v: cfwd(v)["loss"], twin_params, views)
+    _assert_all_close(got, want, torch.float64)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_compiled_dino_method_loss_matches_eager(seed, backend, path):
+    # DINO's student and teacher heads and its loss module (center update included), with the
+    # teacher temperature as a tensor, as a schedule would give it
+    from selfsup.ssl.dino import multicrop_forward
+
+    backend(path)
+    method = _method("dino", ["--out-dim", "50", "--n-local", "1"])
+    twin = copy.deepcopy(method)
+
+    def loss_fn(m):
+        def f(views, tau):
+            s = multicrop_forward(m.backbone, m.head, views)
+            with torch.no_grad():
+                t = m.t_head(m.t_backbone(torch.cat(views[:2])))
+            return m.criterion(s, t, teacher_temp=tau)
+        return f
+
+    views = [torch.randn(4, 3, 32, 32, dtype=torch.float64) for _ in range(2)]
+    views.append(torch.randn(4, 3, 16, 16, dtype=torch.float64))
+    tau = torch.tensor(0.05, dtype=torch.float64)
+    cf, counter = _compiled(loss_fn(twin))
+    params = [p for p in method.parameters() if p.requires_grad]
+    want = _method_loss_and_grads(loss_fn(method), params, views, tau)
+    got = _method_loss_and_grads(cf, [p for p in twin.parameters() if p.requires_grad], views,
+                                 tau)
+    _assert_all_close(got, want, torch.float64)
+    torch.testing.assert_close(twin.criterion.center, method.criterion.center, **TOL64)
+    assert counter.frame_count >= 1
