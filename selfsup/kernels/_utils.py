@@ -9,7 +9,8 @@ Every public op in `selfsup.kernels` has three implementations:
 `choose_backend` picks one per call. ``SELFSUP_KERNELS=triton|torch|ref`` forces a path; it is
 read at call time so tests and benchmarks can flip it.
 
-Nothing here imports triton eagerly: `import selfsup.kernels` must work without it.
+triton is imported at most once, guarded (`_import_triton`, as `_triton.py` does for the
+package): `import selfsup.kernels` must work without it.
 """
 
 from __future__ import annotations
@@ -28,14 +29,23 @@ ENV_BACKEND = "SELFSUP_KERNELS"
 
 
 @functools.cache
-def have_triton() -> bool:
-    """True when `import triton` succeeds (it is absent on macOS / ARM wheels)."""
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:  # ImportError, or a broken install raising something else
         return False
     return True
+
+
+_HAVE_TRITON = _import_triton()  # at import: torch.compile traces a plain global read
+
+
+def have_triton() -> bool:
+    """True when `import triton` succeeds (it is absent on macOS / ARM wheels). Decided once
+    at import, not through a functools.cache at call time: Dynamo warns about every cached
+    function it traces (the public ops call this under torch.compile)."""
+    return _HAVE_TRITON
 
 
 def interpreting() -> bool:

@@ -34,8 +34,10 @@ in fp32, before its one rounding to the input dtype. The two paths get there dif
   also makes retain_graph double backward work. The upstream gradient is read on the device.
 - the portable path keeps its single pass (recomputing would double its CPU time): the
   forward writes dS inside its own blocks, in fp32 for fp16 inputs, and backward scales it
-  (for fp16: one fused multiply-and-round into a fresh fp16 tensor). bf16 keeps a bf16 buffer:
-  bf16 has fp32's exponent range, and multiplying by the scale afterwards costs one rounding.
+  into a fresh tensor (for fp16: one fused multiply-and-round into fp16). bf16 keeps a bf16
+  buffer: bf16 has fp32's exponent range, and multiplying by the scale afterwards costs one
+  rounding. (Fresh, since the custom op's output may not alias its input: one more dS-sized
+  buffer during backward than an in-place scale, and retain_graph double backward works.)
 
 Paths (`choose_backend`; SELFSUP_KERNELS forces one):
 - "triton": four tile-parallel kernels, each launched under the tensors' device guard.
@@ -48,10 +50,15 @@ Paths (`choose_backend`; SELFSUP_KERNELS forces one):
   fp32 accumulation, maxima subtracted, 1/tau in fp32; float64 inputs run the kernels in
   float64 (tight float64 tests). No host sync anywhere: temperatures (floats or device
   tensors) and the upstream gradient reach the kernels as device memory.
-- "torch": the same algebra in a custom autograd.Function over blocks of batch rows; each
-  block of S is scaled, soft-maxed and turned into the gradient inside its own dS rows. Peak
-  extra memory = dS + sum_i P_i (B, K) fp32 + one block (224 MiB at B=64, 2+10, K=65536 fp32,
-  vs 944 MiB for the pair loop).
+- "torch": the same algebra over blocks of batch rows; each block of S is scaled, soft-maxed
+  and turned into the gradient inside its own dS rows. Peak extra memory in forward = dS +
+  sum_i P_i (B, K) fp32 + one block (224 MiB at B=64, 2+10, K=65536 fp32, vs 944 MiB for the
+  pair loop).
+Both run inside the custom ops ``torch.ops.selfsup.dino_loss_fwd`` / ``dino_loss_bwd`` /
+``dino_loss_scale_grad`` (fake implementations, registered autograd; `_custom_op.py`), so
+`torch.compile(fullgraph=True)` traces `dino_loss` and `DINOLoss`. A temperature that changes
+every step (the teacher warm-up) is best passed as a 0-d tensor: a float is specialized by
+torch.compile, so each new value would recompile.
 - "ref": `dino_loss_ref`, the official pair loop (the oracle).
 
 Dtypes: student_out and teacher_out share one dtype. center has that dtype too, except that an
