@@ -190,7 +190,12 @@ def test_compiled_dino_matches_eager(seed, backend, path, dtype):
         ref = _loss_and_grads(dino_loss_ref, (s, t, c), (True, False, False), teacher_temp=0.04)
         _assert_all_close(_loss_and_grads(cfn, (s, t, c), (True, False, False),
                                           teacher_temp=0.04), ref, dtype)
-    assert counter.frame_count >= 1
+    # a schedule's next value as a tensor reuses the graph (a float would recompile)
+    frames = counter.frame_count
+    kw = dict(teacher_temp=torch.tensor(0.05, dtype=dtype))
+    _assert_all_close(_loss_and_grads(cfn, (s, t, c), (True, False, False), **kw),
+                      _loss_and_grads(dino_loss, (s, t, c), (True, False, False), **kw), dtype)
+    assert frames >= 1 and counter.frame_count == frames
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -327,3 +332,34 @@ def test_compiled_dino_method_loss_matches_eager(seed, backend, path):
     _assert_all_close(got, want, torch.float64)
     torch.testing.assert_close(twin.criterion.center, method.criterion.center, **TOL64)
     assert counter.frame_count >= 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_compiled_under_bf16_autocast_matches_eager(seed, backend, path):
+    # a bf16 training step: autocast around the op, fp32 leaves, GradScaler's 65536 upstream
+    backend(path)
+    w = torch.randn(19, 19)
+
+    def moco(q, k, queue):
+        q, k = q @ w, k @ w  # bf16 under autocast, as a head's output
+        return info_nce_queue(q, k, queue.to(torch.bfloat16), 0.2)
+
+    def dino(s, t, c):
+        return dino_loss(s @ w, (t @ w).detach(), c, teacher_temp=0.04)
+
+    (q, k, queue), _ = _info_nce_inputs("queue", torch.float32)
+    s, t, c = torch.randn(4 * 3, 19), torch.randn(2 * 3, 19), torch.zeros(19)
+    for fn, args in ((moco, (q, k, queue)), (dino, (s, t, c))):
+        requires = (True, True, False)[:len(args)] if fn is moco else (True, False, False)
+        cfn, _ = _compiled(fn)
+        out = []
+        for f in (fn, cfn):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                leaves = [a.detach().clone().requires_grad_(r) for a, r in zip(args, requires)]
+                loss = f(*leaves)
+            grads = torch.autograd.grad(loss * 65536.0, [x for x in leaves if x.requires_grad])
+            out.append([loss.detach(), *grads])
+        assert out[0][0].dtype == torch.float32  # the loss in the accumulation dtype
+        for a, b in zip(out[1], out[0], strict=True):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
