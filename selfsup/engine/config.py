@@ -55,6 +55,8 @@ class Config:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; GradScaler for fp16)
     grad_ckpt: bool = False  # activation checkpointing in ViT blocks (ViT-L/H)
     channels_last: bool = False  # NHWC weights and images: faster oneDNN / cuDNN convolutions
+    accum_steps: int = 1  # micro-batches of --batch-size per optimizer step (docs/training.md)
+    compile: bool = False  # torch.compile the backbone and heads (docs/training.md)
     drop_path: float | None = None  # ViT stochastic depth of the trained encoder (DINO: 0.1)
     zero_init_residual: bool | None = None  # ResNet: last BN of each block 0 (MoCo v3, SimSiam)
     vit_init: str | None = None  # xavier (MAE, MoCo v3) | trunc_normal (DINO: std 0.02)
@@ -98,7 +100,8 @@ class Config:
     knn_t: float = 0.07
     knn_train_size: int = 10000  # train images used as the k-NN memory (0: all)
     knn_test_size: int = 10000  # held-out images scored (0: all)
-    log_every: int = 10  # optimizer steps between log lines
+    log_every: int = 10  # optimizer steps between log lines (and NaN checks: host syncs)
+    prefetch: int = 2  # batches copied to the device ahead of the step (0: none)
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and always at the end)
     fsdp: bool = False  # shard with FSDP2 fully_shard (ViT-L/H, several GPUs)
     # Filled in by the trainer, not by users.
@@ -106,11 +109,12 @@ class Config:
 
     # ---------------------------------------------------------------- derived values
     def peak_lr(self, world_size: int = 1) -> float:
-        """--lr, else --blr scaled by the global batch: linearly (x batch / 256, Goyal et al.
-        2017) or by its square root (SimCLR's LARS: 0.075 * sqrt(batch))."""
+        """--lr, else --blr scaled by the effective batch (--batch-size x --accum-steps x
+        processes): linearly (x batch / 256, Goyal et al. 2017) or by its square root
+        (SimCLR's LARS: 0.075 * sqrt(batch))."""
         if self.lr is not None:
             return self.lr
-        batch = self.batch_size * world_size
+        batch = self.batch_size * self.accum_steps * world_size  # the effective batch
         if self.lr_scaling == "sqrt":
             return self.blr * math.sqrt(batch)
         if self.lr_scaling != "linear":
