@@ -141,8 +141,14 @@ def first_layer(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def grad_norm(params) -> float:
+def grad_norm_tensor(params) -> torch.Tensor | float:
+    """The global L2 norm of the gradients as a device tensor (no host sync; 0.0 if none)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def grad_norm(params) -> float:
+    norm = grad_norm_tensor(params)
+    return norm.item() if torch.is_tensor(norm) else norm

@@ -7,6 +7,7 @@ The loop knows the method contract (ARCHITECTURE.md) and nothing else about the 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
@@ -28,17 +29,20 @@ from .monitors import (
     CollapseMonitor,
     first_layer,
     forward_flops,
-    grad_norm,
+    grad_norm_tensor,
     knn_accuracy,
 )
 from .optim import build_optimizer, clip_per_param_
+from .prefetch import DevicePrefetcher
 from .runlog import Progress, RunLogger
+from .step import NonFiniteWatch, forward_backward, read_scalars
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf: the run stops (after a diagnostic checkpoint)."""
+    """The loss became NaN or Inf: the run stops at the next check (every --log-every
+    steps), naming the step where it first was, after a diagnostic checkpoint."""
 
 
 # ============================================================================ setup
@@ -121,7 +125,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ============================================================================ checkpoints
-def checkpoint_state(model: nn.Module, opt, scaler, step: int, epoch: int, cfg: Config) -> dict:
+def checkpoint_state(model: nn.Module, opt, scaler, step: int, epoch: int, cfg: Config
+                     ) -> dict:
     """Everything a resume needs. Collective under FSDP: call it on every rank."""
     from .distributed import model_state, optimizer_state
 
@@ -130,8 +135,9 @@ def checkpoint_state(model: nn.Module, opt, scaler, step: int, epoch: int, cfg: 
             "config": cfg.to_dict(), "rng": ckpt.rng_state()}
 
 
-def save_checkpoint(model, opt, scaler, step, epoch, cfg, path: Path) -> None:
+def save_checkpoint(model, opt, scaler, step, epoch, cfg, path: Path, **extra) -> None:
     state = checkpoint_state(model, opt, scaler, step, epoch, cfg)  # every rank (FSDP)
+    state.update(extra)
     if dist.is_main():
         ckpt.save(state, path)
 
@@ -159,11 +165,15 @@ def train(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- data
     recipe_kwargs = cls.recipe_kwargs(cfg) if hasattr(cls, "recipe_kwargs") else {}
+    accum = cfg.accum_steps
+    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+        raise ValueError(f"--accum-steps must be an int >= 1, got {accum!r}")
     loader = make_train_loader(cfg, recipe_name(cfg, cls), recipe_kwargs)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader) // accum  # optimizer steps: what every schedule counts
     if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} x {world} processes exceeds the "
-                         f"dataset ({loader.num_samples} images): no full batch per epoch")
+        raise ValueError(f"--batch-size {cfg.batch_size} x --accum-steps {accum} x {world} "
+                         f"processes exceeds the dataset ({loader.num_samples} images): "
+                         "no full batch per epoch")
     cfg.img_size = cfg.img_size or loader.view_sizes[0]
     explicit_epochs = "epochs" in cfg.extra.get("cli_keys", ())
     schedule_steps = (cfg.steps if cfg.steps and not explicit_epochs
@@ -179,12 +189,15 @@ def train(cfg: Config) -> dict:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     method.to(memory_format=memory_format)
     model = wrap_distributed(method, cfg, device)
+    if cfg.compile:
+        compile_modules(method)
     opt = build_optimizer(method.param_groups(cfg), cfg)
     peak_lr = cfg.peak_lr(world)
+    # Python floats, read once: indexing a tensor per step would be a (host) sync to count
     lr_sched = lr_schedule(cfg, peak_lr, schedule_steps, steps_per_epoch,
-                           round(cfg.warmup_epochs * steps_per_epoch))
+                           round(cfg.warmup_epochs * steps_per_epoch)).tolist()
     wd_sched = (schedules.cosine(cfg.wd, cfg.wd_end, schedule_steps) if cfg.wd_end is not None
-                else schedules.constant(cfg.wd, schedule_steps))
+                else schedules.constant(cfg.wd, schedule_steps)).tolist()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     params = [p for p in method.parameters() if p.requires_grad]
     stem = first_layer(method.trained_encoder())
@@ -208,7 +221,8 @@ def train(cfg: Config) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
     logger = RunLogger(run_dir, enabled=main)
-    progress = Progress(total, step, cfg.batch_size * world, cfg.log_every, enabled=main)
+    progress = Progress(total, step, cfg.batch_size * accum * world, cfg.log_every,
+                        enabled=main)
     if resume_path is not None:
         progress.message(f"resumed from {resume_path} at step {step}")
 
@@ -253,74 +267,89 @@ def train(cfg: Config) -> dict:
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     collapse = CollapseMonitor()
+    watch = NonFiniteWatch(device)  # NaN/Inf losses, on the device until the next check
     epoch = step // steps_per_epoch
     t_start = time.perf_counter()
+
+    def check() -> bool:
+        """The interval's one host read (and one all_reduce): stop on NaN or a signal."""
+        first, signalled = watch.check(stop["signal"] is not None)
+        if first is not None:
+            path = run_dir / f"diagnostic-step{step}.pt"
+            save_checkpoint(model, opt, scaler, step, epoch, cfg, path,
+                            nonfinite_first_step=first)
+            after = ("" if first == step else
+                     f"; its weights were updated by steps {first}..{step - 1} with the "
+                     "non-finite loss: inspect it, do not resume from it")
+            raise NonFiniteLossError(
+                f"non-finite loss first at step {first} of method {cfg.method} with lr "
+                f"{lr_sched[first]:.4g} (found at the check of step {step}; checks run every "
+                f"--log-every {cfg.log_every} steps); diagnostic checkpoint: {path}{after}")
+        if signalled:  # a signal reached some rank: all stop before this step
+            stop["signal"] = stop["signal"] or "SIGTERM (another rank)"
+        return signalled
+
     try:
         while step < total and stop["signal"] is None:
             loader.set_epoch(epoch)
-            skip = step - epoch * steps_per_epoch  # batches this epoch already trained on
-            for i, (views, _labels) in enumerate(loader):
-                if i < skip:
+            done = step - epoch * steps_per_epoch  # optimizer steps this epoch already took
+            source = iter(loader)
+            batches = iter(DevicePrefetcher(
+                itertools.islice(source, done * accum, steps_per_epoch * accum), device,
+                depth=0 if getattr(loader, "backend", None) == "dali-gpu" else cfg.prefetch,
+                memory_format=memory_format))
+            try:
+                for _ in range(done, steps_per_epoch):
+                    if step >= total:
+                        break
+                    micro = [next(batches)[0] for _ in range(accum)]
+                    # ---------------------------------------------- one optimizer step
+                    lr = lr_sched[step]
+                    for g in opt.param_groups:
+                        g["lr"] = (peak_lr if g.get("fixed_lr") else lr) * g.get("lr_scale", 1.0)
+                        g["weight_decay"] = wd_sched[step] if g.get("apply_wd", True) else 0.0
+                    log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
+                    ckpt_now = (step + 1) % cfg.ckpt_every == 0  # checked before it is saved
+                    opt.zero_grad(set_to_none=True)
+                    out = forward_backward(model, scaler, micro, step=step, watch=watch,
+                                           amp_dtype=amp_dtype, device_type=device.type,
+                                           check=check if log_now or ckpt_now else None)
+                    if out is None:  # stopped at the check, before this update
+                        break
+                    scaler.unscale_(opt)
+                    norms = {"grad_norm": clip_gradients(opt, params, cfg, step, log_now)}
+                    if log_now:
+                        if norms["grad_norm"] is None:
+                            norms["grad_norm"] = grad_norm_tensor(params)
+                        norms["grad_norm_first_layer"] = (
+                            grad_norm_tensor(stem.parameters()) if stem is not None else 0.0)
+                    scaler.step(opt)
+                    scaler.update()
+                    unwrap(model).on_step_end(step, schedule_steps)
+                    step += 1
+                    if knn_steps and step % knn_steps == 0 and step < total:
+                        run_knn(f"epoch {step / steps_per_epoch:.2f}")
+                    # ---------------------------------------------- logs and monitors
+                    if log_now:
+                        logs = read_scalars({**out, **norms})  # the interval's one copy
+                        logs.update(lr=lr, epoch=step / steps_per_epoch)
+                        if scaler.is_enabled():
+                            logs["loss_scale"] = scaler.get_scale()
+                        logger.log(step, logs)
+                        collapse.update(step, logs)
+                        progress.update(step, logs["loss"], lr)
+                    if ckpt_now and step < total:
+                        save_checkpoint(model, opt, scaler, step, epoch, cfg,
+                                        run_dir / ckpt.CHECKPOINT_NAME)
+                else:  # the epoch ran out (not a break)
+                    epoch += 1
+                    if knn_on and cfg.knn_every >= 1 and step < total and (
+                            epoch % max(1, round(cfg.knn_every)) == 0):
+                        run_knn(f"epoch {epoch}")
                     continue
-                if step >= total:
-                    break
-                # -------------------------------------------------- one optimizer step
-                lr = float(lr_sched[step])
-                for g in opt.param_groups:
-                    g["lr"] = (peak_lr if g.get("fixed_lr") else lr) * g.get("lr_scale", 1.0)
-                    g["weight_decay"] = float(wd_sched[step]) if g.get("apply_wd", True) else 0.0
-                views = [v.to(device, non_blocking=True, memory_format=memory_format)
-                         for v in views]
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                    enabled=amp_dtype is not None):
-                    out = model(views)
-                loss = out["loss"]
-                bad_loss, stop_now = agree(not torch.isfinite(loss.detach()).item(),
-                                           stop["signal"] is not None)
-                if bad_loss:
-                    path = run_dir / f"diagnostic-step{step}.pt"
-                    save_checkpoint(model, opt, scaler, step, epoch, cfg, path)
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss.item()}) at step {step} of method "
-                        f"{cfg.method} with lr {lr:.4g}; diagnostic checkpoint: {path}")
-                if stop_now:  # a signal reached some rank: all stop before this step
-                    stop["signal"] = stop["signal"] or "SIGTERM (another rank)"
-                    break
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
-                total_norm = clip_gradients(opt, params, cfg, step, log_now)
-                if log_now:
-                    stem_norm = grad_norm(stem.parameters()) if stem is not None else 0.0
-                    total_norm = grad_norm(params) if total_norm is None else total_norm
-                scaler.step(opt)
-                scaler.update()
-                unwrap(model).on_step_end(step, schedule_steps)
-                step += 1
-                if knn_steps and step % knn_steps == 0 and step < total:
-                    run_knn(f"epoch {step / steps_per_epoch:.2f}")
-                # -------------------------------------------------- logs and monitors
-                if log_now:
-                    logs = {k: float(v.detach() if torch.is_tensor(v) else v)
-                            for k, v in out.items()
-                            if isinstance(v, (int, float)) or torch.is_tensor(v) and v.numel() == 1}
-                    logs.update(lr=lr, grad_norm=total_norm, grad_norm_first_layer=stem_norm,
-                                epoch=step / steps_per_epoch)
-                    if scaler.is_enabled():
-                        logs["loss_scale"] = scaler.get_scale()
-                    logger.log(step, logs)
-                    collapse.update(step, logs)
-                progress.update(step, float(loss.detach()), lr)
-                if step % cfg.ckpt_every == 0 and step < total:
-                    save_checkpoint(model, opt, scaler, step, epoch, cfg,
-                                    run_dir / ckpt.CHECKPOINT_NAME)
-            else:  # the epoch ran out (not a break)
-                epoch += 1
-                if knn_on and cfg.knn_every >= 1 and step < total and (
-                        epoch % max(1, round(cfg.knn_every)) == 0):
-                    run_knn(f"epoch {epoch}")
-                continue
+            finally:
+                batches.close()
+                source.close()
             if step >= total or stop["signal"] is not None:
                 break
     finally:
@@ -343,9 +372,11 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def clip_gradients(opt, params, cfg: Config, step: int, log_now: bool) -> float | None:
+def clip_gradients(opt, params, cfg: Config, step: int, log_now: bool
+                   ) -> torch.Tensor | None:
     """Drop frozen groups' gradients (DINO's last layer in epoch 1) and clip; returns the
-    global norm before clipping when it was computed (global mode, or a log step).
+    global norm before clipping (a device tensor, not read here) when it was computed
+    (global mode, or a log step).
 
     global: the norm of all gradients together, after the frozen ones are dropped.
     per-param (official DINO): each tensor's norm to --clip-grad, BEFORE the last layer's
@@ -354,7 +385,7 @@ def clip_gradients(opt, params, cfg: Config, step: int, log_now: bool) -> float 
     if cfg.clip_grad and cfg.clip_mode not in ("global", "per-param"):
         raise ValueError(f"--clip-mode must be global or per-param, got {cfg.clip_mode!r}")
     per_param = bool(cfg.clip_grad) and cfg.clip_mode == "per-param"
-    total_norm = grad_norm(params) if per_param and log_now else None
+    total_norm = grad_norm_tensor(params) if per_param and log_now else None
     if per_param:
         clip_per_param_(params, cfg.clip_grad)
     for g in opt.param_groups:  # e.g. DINO's last layer during epoch 1
@@ -362,12 +393,34 @@ def clip_gradients(opt, params, cfg: Config, step: int, log_now: bool) -> float 
             for p in g["params"]:
                 p.grad = None
     if cfg.clip_grad and not per_param:
-        total_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad).item()
+        total_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
     return total_norm
 
 
+def compile_modules(method: nn.Module) -> list[str]:
+    """torch.compile, in place, every child of the method that owns parameters (backbone,
+    heads, predictor, EMA teachers); returns their names.
+
+    nn.Module.compile keeps the module and its state_dict keys (no "_orig_mod." prefix), so
+    checkpoints, EMA updates and DDP's parameter hooks see the same tensors. A ViT's
+    forward_features (MAE's encoder entry, with its kept-patch indices) is compiled too.
+    Losses stay outside: the fused ones are custom ops that the method's own graph calls.
+    Called after the DDP/FSDP wrap, so compile traces the final modules (SyncBatchNorm,
+    FSDP2 shards); DDP stays outside the compiled regions (no DDPOptimizer graph split)."""
+    names = []
+    for name, child in method.named_children():
+        if next(child.parameters(), None) is None:
+            continue
+        child.compile()
+        if callable(getattr(type(child), "forward_features", None)):
+            child.forward_features = torch.compile(child.forward_features)
+        names.append(name)
+    return names
+
+
 def agree(*flags: bool) -> list[bool]:
-    """OR each flag across ranks (one tiny all_reduce), so every rank stops at the same step."""
+    """OR each flag across ranks (one tiny all_reduce), so every rank stops at the same step.
+    (selfsup.finetune's loop; the pre-training loop checks through step.NonFiniteWatch.)"""
     if not dist.is_dist():
         return list(flags)
     t = torch.tensor([float(f) for f in flags],
