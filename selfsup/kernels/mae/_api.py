@@ -12,6 +12,7 @@ from ._launch import (
     masked_patch_loss_fwd,
     scatter_tokens_bwd,
     scatter_tokens_fwd,
+    x_is_dl,
 )
 from ._ref import gather_tokens_ref, masked_patch_loss_ref, scatter_tokens_ref
 from ._torch import (
@@ -30,16 +31,20 @@ class GatherTokensFunction(torch.autograd.Function):
         fwd = gather_tokens_fwd if backend == "triton" else _gather_fwd_torch
         ctx.save_for_backward(ids_keep)
         ctx.meta = (x.shape, x.dtype, None if pos_embed is None else pos_embed.dtype,
-                    deterministic, backend)
+                    deterministic, backend, x_is_dl(x))
         return fwd(x, ids_keep, pos_embed)
 
     @staticmethod
     def backward(ctx, g):
         (ids_keep,) = ctx.saved_tensors
-        x_shape, x_dtype, pos_dtype, det, backend = ctx.meta
+        x_shape, x_dtype, pos_dtype, det, backend, x_dl = ctx.meta
         need_pos = pos_dtype is not None and ctx.needs_input_grad[2]
-        bwd = gather_tokens_bwd if backend == "triton" else _gather_bwd_torch
-        dx, dpos = bwd(g, ids_keep, x_shape, x_dtype, pos_dtype, need_pos, det)
+        if backend == "triton":  # dx in x's own layout
+            dx, dpos = gather_tokens_bwd(g, ids_keep, x_shape, x_dtype, pos_dtype, need_pos,
+                                         det, x_dl)
+        else:
+            dx, dpos = _gather_bwd_torch(g, ids_keep, x_shape, x_dtype, pos_dtype, need_pos,
+                                         det)
         return (dx if ctx.needs_input_grad[0] else None), None, dpos, None, None
 
 
@@ -78,6 +83,7 @@ class MaskedPatchLossFunction(torch.autograd.Function):
     def forward(ctx, pred, imgs, mask, patch_size, norm_pix, need_grad, backend):
         fwd = masked_patch_loss_fwd if backend == "triton" else _loss_fwd_torch
         loss, grad = fwd(pred, imgs, mask, patch_size, norm_pix, need_grad)
+        ctx.dtype = pred.dtype
         if grad is not None:
             ctx.save_for_backward(grad)
         return loss
@@ -85,10 +91,18 @@ class MaskedPatchLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        # The first backward scales the saved gradient in place: no second (B, L, P) buffer
-        # (on CPU a fresh buffer's page faults cost as much as the whole scaling pass). `.data`
-        # keeps autograd's version counter unchanged, so a repeated backward through a retained
-        # graph (gradcheck, retain_graph=True) can undo the first upstream by a ratio.
+        if grad.dtype != ctx.dtype:
+            # fp16/bf16: the fp32 gradient meets the upstream (GradScaler's scale) first, then
+            # one rounding into a fresh tensor (a retained graph can run this again)
+            return (torch.mul(grad, g, out=torch.empty_like(grad, dtype=ctx.dtype)),
+                    None, None, None, None, None, None)
+        if grad.device.type != "cpu":  # a fresh buffer is cheap here; nothing read back
+            return grad * g, None, None, None, None, None, None
+        # CPU: the first backward scales the saved gradient in place: no second (B, L, P)
+        # buffer (a fresh buffer's page faults cost as much as the whole scaling pass).
+        # `.data` keeps autograd's version counter unchanged, so a repeated backward through
+        # a retained graph (gradcheck, retain_graph=True) can undo the first upstream by a
+        # ratio (the check reads host memory: no synchronization).
         applied = getattr(ctx, "applied", None)
         if applied is None:
             ctx.applied = g.detach().clone()

@@ -1,4 +1,17 @@
-"""MAE Triton kernels and their registered configurations."""
+"""MAE Triton kernels and their registered configurations.
+
+Conventions: row offsets are int64 (row x stride overflows int32 at ViT-H batch sizes); the
+accumulation dtype is fp64 when the output pointer is fp64 (the float64 tests), else fp32;
+whole D-rows move in BLOCK_D column chunks, so one configuration serves every width. The row
+blocks of an image are on grid axis 0 (neighbouring programs touch neighbouring memory), the
+image on axis 1. Every launcher passes the num_warps / num_stages registered here (the
+constants below), so the static report describes what runs.
+
+Atomics: only d pos_embed (a learned position table) is accumulated with atomics, `relaxed`
+(an add needs no ordering), at most B adds per element, one per image's program. d mask_token
+never is: the scatter backward writes one partial row per (image, row group) and the launcher
+sums those rows in a fixed order (a few hundred rows, not a contended address).
+"""
 
 from __future__ import annotations
 
@@ -6,107 +19,156 @@ from .._registry import KernelConfig, register_kernel
 from .._triton import tl, triton
 from .._utils import next_power_of_2
 
+TOKEN_WARPS, TOKEN_STAGES = 4, 2
+BLOCK_L, BLOCK_D = 32, 128  # gather: 32 patches x 128 channels per tile (4096 elements)
+SCATTER_BLOCK_R = 8  # scatter forward: rows per program
+GROUP_ROWS, GROUP_TILE = 64, 16  # scatter backward: rows per program, rows per step
+LOSS_STAGES = 2
+# (pred dtype, gradient buffer dtype): fp16/bf16 gradients are written in fp32 so that the
+# upstream gradient (GradScaler's 65536) multiplies before the one rounding (issue 22.1)
+LOSS_DTYPES = (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"))
+# (patch, channels) of the presets: ViT-*/16 and ViT-H/14 on RGB, /4 for images <= 64 px
+# (grey datasets are replicated to 3 channels)
+LOSS_PATCHES = ((16, 3), (14, 3), (4, 3))
+# x / activation dtypes under fp32 training and bf16 / fp16 autocast; pos_embed and
+# mask_token stay fp32 parameters or buffers, so the outputs are fp32 (torch's promotion)
+TOKEN_DTYPES = (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"))
 
-# ============================================================================ Triton kernels
-# Shared conventions: program (b, row block); whole D-rows move in BLOCK_D column chunks; row
-# offsets are int64 (row × stride overflows int32 at ViT-H batch sizes); the accumulation dtype
-# is fp64 when the output/accumulator pointer is fp64, else fp32 (bf16 math is upcast).
+
+def _token_cfgs(constexprs, variants=((),)):
+    """One config per activation dtype x variant (a dict of extra constexprs); the default is
+    bf16 autocast with the first variant (what MAE training on a GPU launches)."""
+    out = []
+    for xt, ot in TOKEN_DTYPES:
+        for i, extra in enumerate(variants):
+            extra = dict(extra)
+            tag = " ".join(f"{k}={int(v)}" for k, v in extra.items())
+            out.append(KernelConfig(f"{xt} x -> {ot} {tag}".strip(), {**constexprs, **extra},
+                                    types={"xt": xt, "pt": "fp32", "ot": ot},
+                                    num_warps=TOKEN_WARPS, num_stages=TOKEN_STAGES,
+                                    default=xt == "bf16" and i == 0))
+    return out
+
+
+# ----------------------------------------------------------------------------- gather
 @triton.jit
 def _gather_tokens_fwd_kernel(
-    # pointers: x (B, L, D), ids (B, L_keep) int32|int64, pos (L, D) rows, out (B, L_keep, D)
-    x_ptr, ids_ptr, pos_ptr, out_ptr,
+    # pointers: x (B, L, D), inv (B, L) int32 = output row of each patch or -1 (dropped),
+    # pos (L, D) rows, out (B, L_keep, D) rows contiguous
+    x_ptr, inv_ptr, pos_ptr, out_ptr,
     # shapes
-    L_KEEP, D,
-    # strides, in elements (pos and out rows are contiguous; x may be transposed)
-    stride_xb, stride_xl, stride_xd, stride_ib, stride_pl, stride_ob, stride_ol,
+    L, D,
+    # strides, in elements: stride_x steps the non-unit axis of x (d when X_DL, else l)
+    stride_xb, stride_x, stride_pl, stride_ob, stride_ol,
     # meta
-    HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_POS: tl.constexpr, X_DL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # out[b, j, :] = x[b, k, :] + pos[k, :],  k = ids[b, j]
+    # out[b, inv[b, l], :] = x[b, l, :] + pos[l, :] for the kept patches (inv >= 0).
+    # Tiles run along L: with X_DL (x is (B, D, L) in memory, PatchEmbed's conv output seen
+    # through transpose(1, 2)) consecutive lanes read consecutive patches of one channel, so
+    # each 32-byte sector serves 8-16 lanes; a row-per-token walk would give each lane its own
+    # sector. The writes are whole rows of out, coalesced along D.
     ACC: tl.constexpr = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
-    b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < L_KEEP
-    k = tl.load(ids_ptr + b * stride_ib + rows, mask=rmask, other=0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    lo = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    lm = lo < L
+    j = tl.load(inv_ptr + b * L + lo, mask=lm, other=-1)
+    keep = lm & (j >= 0)
+    l64 = lo.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    x_rows = x_ptr + b * stride_xb + k[:, None] * stride_xl
-    p_rows = pos_ptr + k[:, None] * stride_pl
-    o_rows = out_ptr + b * stride_ob + rows[:, None].to(tl.int64) * stride_ol
+    if X_DL:
+        x_rows = x_ptr + b * stride_xb + l64[:, None]
+    else:
+        x_rows = x_ptr + b * stride_xb + l64[:, None] * stride_x
+    p_rows = pos_ptr + l64[:, None] * stride_pl
+    o_rows = out_ptr + b * stride_ob + j.to(tl.int64)[:, None] * stride_ol
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
-        m = rmask[:, None] & (c < D)[None, :]
-        v = tl.load(x_rows + c[None, :] * stride_xd, mask=m, other=0).to(ACC)
+        m = keep[:, None] & (c < D)[None, :]
+        if X_DL:
+            v = tl.load(x_rows + c[None, :].to(tl.int64) * stride_x, mask=m, other=0).to(ACC)
+        else:
+            v = tl.load(x_rows + c[None, :], mask=m, other=0).to(ACC)
         if HAS_POS:
             v += tl.load(p_rows + c[None, :], mask=m, other=0).to(ACC)
         tl.store(o_rows + c[None, :], v, mask=m)  # cast to out's dtype on store
 
 
-_TOKEN_CONSTS = {"BLOCK_R": 4, "BLOCK_D": 512}
+_GATHER_CONSTS = {"HAS_POS": True, "BLOCK_L": BLOCK_L, "BLOCK_D": BLOCK_D}
+_LAYOUTS = ({"X_DL": True}, {"X_DL": False})
 register_kernel(
     _gather_tokens_fwd_kernel,
-    signature={"x_ptr": "*{xt}", "ids_ptr": "*i64", "pos_ptr": "*{pt}", "out_ptr": "*{ot}",
-               "L_KEEP": "i32", "D": "i32", "stride_xb": "i32", "stride_xl": "i32",
-               "stride_xd": "i32", "stride_ib": "i32", "stride_pl": "i32", "stride_ob": "i32",
-               "stride_ol": "i32", "HAS_POS": "constexpr", "BLOCK_R": "constexpr",
+    signature={"x_ptr": "*{xt}", "inv_ptr": "*i32", "pos_ptr": "*{pt}", "out_ptr": "*{ot}",
+               "L": "i32", "D": "i32", "stride_xb": "i32", "stride_x": "i32",
+               "stride_pl": "i32", "stride_ob": "i32", "stride_ol": "i32",
+               "HAS_POS": "constexpr", "X_DL": "constexpr", "BLOCK_L": "constexpr",
                "BLOCK_D": "constexpr"},
-    configs=[
-        KernelConfig("fp32 R4 D512", {"HAS_POS": True, **_TOKEN_CONSTS},
-                     types={"xt": "fp32", "pt": "fp32", "ot": "fp32"}, num_warps=4,
-                     default=True),
-        KernelConfig("amp bf16 x + fp32 pos", {"HAS_POS": True, **_TOKEN_CONSTS},
-                     types={"xt": "bf16", "pt": "fp32", "ot": "fp32"}, num_warps=4),
-    ],
+    configs=_token_cfgs(_GATHER_CONSTS, _LAYOUTS),
 )
 
 
 @triton.jit
 def _gather_tokens_bwd_kernel(
-    # pointers: g (B, L_keep, D), ids (B, L_keep), dx (B, L, D) zero-filled, dpos (L, D) acc
-    g_ptr, ids_ptr, dx_ptr, dpos_ptr,
+    # pointers: g (B, L_keep, D) rows contiguous, inv (B, L) int32, dx (B, L, D) in x's
+    # layout, dpos (L, D) acc (atomics) or unused
+    g_ptr, inv_ptr, dx_ptr, dpos_ptr,
     # shapes
-    L_KEEP, D,
-    # strides (g rows contiguous; dx and dpos are ours, contiguous)
-    stride_gb, stride_gl, stride_ib, stride_dxb, stride_dxl, stride_dpl,
+    L, D,
+    # strides: stride_dx steps the non-unit axis of dx (d when X_DL, else l)
+    stride_gb, stride_gl, stride_dxb, stride_dx, stride_dpl,
     # meta
-    POS_ATOMIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    POS_ATOMIC: tl.constexpr, X_DL: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    # dx[b, k, :] = g[b, j, :] (rows of ids_keep are distinct: plain stores); dropped rows keep
-    # the launcher's zeros.  dpos[k, :] += g[b, j, :] with fp32 atomics (<= B adds per row).
-    ACC: tl.constexpr = tl.float64 if dpos_ptr.dtype.element_ty == tl.float64 else tl.float32
-    b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < L_KEEP
-    k = tl.load(ids_ptr + b * stride_ib + rows, mask=rmask, other=0).to(tl.int64)
+    # dx[b, l, :] = g[b, inv[b, l], :] if kept, else 0: every element of dx is written here
+    # once (no zero-fill pass), in x's own layout (so the conv's backward gets the layout it
+    # produced). dpos[l, :] += g[b, inv[b, l], :] with relaxed fp32 atomics (<= B adds).
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
+    b = tl.program_id(1).to(tl.int64)
+    lo = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    lm = lo < L
+    j = tl.load(inv_ptr + b * L + lo, mask=lm, other=-1)
+    keep = lm & (j >= 0)
+    l64 = lo.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    g_rows = g_ptr + b * stride_gb + rows[:, None].to(tl.int64) * stride_gl
-    dx_rows = dx_ptr + b * stride_dxb + k[:, None] * stride_dxl
-    dp_rows = dpos_ptr + k[:, None] * stride_dpl
+    g_rows = g_ptr + b * stride_gb + j.to(tl.int64)[:, None] * stride_gl
+    if X_DL:
+        dx_rows = dx_ptr + b * stride_dxb + l64[:, None]
+    else:
+        dx_rows = dx_ptr + b * stride_dxb + l64[:, None] * stride_dx
+    dp_rows = dpos_ptr + l64[:, None] * stride_dpl
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
-        m = rmask[:, None] & (c < D)[None, :]
+        cm = (c < D)[None, :]
+        m = keep[:, None] & cm
         g = tl.load(g_rows + c[None, :], mask=m, other=0).to(ACC)
-        tl.store(dx_rows + c[None, :], g, mask=m)
+        if X_DL:
+            tl.store(dx_rows + c[None, :].to(tl.int64) * stride_dx, g, mask=lm[:, None] & cm)
+        else:
+            tl.store(dx_rows + c[None, :], g, mask=lm[:, None] & cm)
         if POS_ATOMIC:
-            tl.atomic_add(dp_rows + c[None, :], g, mask=m)
+            tl.atomic_add(dp_rows + c[None, :], g, mask=m, sem="relaxed")
 
 
 register_kernel(
     _gather_tokens_bwd_kernel,
-    signature={"g_ptr": "*{gt}", "ids_ptr": "*i64", "dx_ptr": "*{xt}", "dpos_ptr": "*fp32",
-               "L_KEEP": "i32", "D": "i32", "stride_gb": "i32", "stride_gl": "i32",
-               "stride_ib": "i32", "stride_dxb": "i32", "stride_dxl": "i32",
-               "stride_dpl": "i32", "POS_ATOMIC": "constexpr", "BLOCK_R": "constexpr",
+    # g is fp32 under autocast (the fp32 pos promotes the output); dx is in x's dtype
+    signature={"g_ptr": "*{ot}", "inv_ptr": "*i32", "dx_ptr": "*{xt}", "dpos_ptr": "*fp32",
+               "L": "i32", "D": "i32", "stride_gb": "i32", "stride_gl": "i32",
+               "stride_dxb": "i32", "stride_dx": "i32", "stride_dpl": "i32",
+               "POS_ATOMIC": "constexpr", "X_DL": "constexpr", "BLOCK_L": "constexpr",
                "BLOCK_D": "constexpr"},
-    configs=[KernelConfig("fp32 R4 D512 atomics", {"POS_ATOMIC": True, **_TOKEN_CONSTS},
-                          types={"gt": "fp32", "xt": "fp32"}, num_warps=4, default=True)],
+    configs=_token_cfgs({"BLOCK_L": BLOCK_L, "BLOCK_D": BLOCK_D},
+                        [{**lay, "POS_ATOMIC": pa} for lay in _LAYOUTS for pa in (False, True)]),
 )
 
 
+# ----------------------------------------------------------------------------- scatter
 @triton.jit
 def _scatter_tokens_fwd_kernel(
     # pointers: x_vis (B, S, D), ids_restore (B, L), mask_token (D,), pos (T, D), out (B, T, D)
     x_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr,
-    # shapes: T = N_PREFIX + L output rows, L_KEEP = S − N_PREFIX visible rows
+    # shapes: T = N_PREFIX + L output rows, L_KEEP = S - N_PREFIX visible rows
     T, L_KEEP, N_PREFIX, D,
     # strides (all rows contiguous)
     stride_xb, stride_xl, stride_ib, stride_pl, stride_ob, stride_ol,
@@ -114,10 +176,11 @@ def _scatter_tokens_fwd_kernel(
     HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # row r < N_PREFIX copies x_vis[b, r]; row N_PREFIX + l reads k = ids_restore[b, l]:
-    # x_vis[b, N_PREFIX + k] if k < L_KEEP, else the mask token; then + pos[r].
+    # x_vis[b, N_PREFIX + k] if k < L_KEEP, else the mask token; then + pos[r]. x_vis is the
+    # decoder embedding's output (rows contiguous): reads and writes are whole rows.
     ACC: tl.constexpr = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
-    b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < T
     body = rows >= N_PREFIX
     k = tl.load(ids_ptr + b * stride_ib + (rows - N_PREFIX), mask=rmask & body, other=0)
@@ -147,114 +210,74 @@ register_kernel(
                "stride_xb": "i32", "stride_xl": "i32", "stride_ib": "i32", "stride_pl": "i32",
                "stride_ob": "i32", "stride_ol": "i32", "HAS_POS": "constexpr",
                "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-    configs=[
-        KernelConfig("fp32 R4 D512", {"HAS_POS": True, **_TOKEN_CONSTS},
-                     types={"xt": "fp32", "pt": "fp32", "ot": "fp32"}, num_warps=4,
-                     default=True),
-        KernelConfig("amp bf16 x + fp32 token/pos", {"HAS_POS": True, **_TOKEN_CONSTS},
-                     types={"xt": "bf16", "pt": "fp32", "ot": "fp32"}, num_warps=4),
-    ],
+    configs=_token_cfgs({"BLOCK_R": SCATTER_BLOCK_R, "BLOCK_D": BLOCK_D},
+                        ({"HAS_POS": True}, {"HAS_POS": False})),
 )
 
 
 @triton.jit
 def _scatter_tokens_bwd_kernel(
-    # pointers: g (B, T, D), ids_restore (B, L), dx_vis (B, S, D) zero-filled,
-    # dtok (D,) acc [atomics] or (programs, D) partials [deterministic], dpos (T, D) acc
-    g_ptr, ids_ptr, dx_ptr, dtok_ptr, dpos_ptr,
+    # pointers: g (B, T, D), ids_restore (B, L), dx_vis (B, S, D), part (B * groups, D) acc:
+    # one d mask_token partial row per (image, row group), dpos (T, D) acc (atomics) or unused
+    g_ptr, ids_ptr, dx_ptr, part_ptr, dpos_ptr,
     # shapes
     T, L_KEEP, N_PREFIX, D,
     # strides (all rows contiguous)
     stride_gb, stride_gl, stride_ib, stride_dxb, stride_dxl, stride_dpl,
     # meta
-    POS_ATOMIC: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    POS_ATOMIC: tl.constexpr, GROUP_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    # dx_vis[b, src(r)] = g[b, r] on visible rows; d mask_token = Σ_removed rows g[b, r], summed
-    # per program in registers, then one atomic (or one partial row) per program and chunk;
-    # dpos[r] += g[b, r] with atomics (B adds per row) unless the launcher column-sums g.
-    ACC: tl.constexpr = tl.float64 if dpos_ptr.dtype.element_ty == tl.float64 else tl.float32
-    b = tl.program_id(0).to(tl.int64)
-    rb = tl.program_id(1)
-    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < T
-    body = rows >= N_PREFIX
-    k = tl.load(ids_ptr + b * stride_ib + (rows - N_PREFIX), mask=rmask & body, other=0)
-    k = k.to(tl.int64)
-    vis = rmask & ((~body) | ((k >= 0) & (k < L_KEEP)))
-    removed = rmask & ~vis
-    src = tl.where(body, N_PREFIX + k, rows.to(tl.int64))
-    cols = tl.arange(0, BLOCK_D)
-    g_rows = g_ptr + b * stride_gb + rows[:, None].to(tl.int64) * stride_gl
-    dx_rows = dx_ptr + b * stride_dxb + src[:, None] * stride_dxl
-    dp_rows = dpos_ptr + rows[:, None].to(tl.int64) * stride_dpl
-    part = dtok_ptr + (b * tl.num_programs(1) + rb) * D  # this program's partial row
-    for d0 in range(0, D, BLOCK_D):
-        c = d0 + cols
-        cm = c < D
+    # Program (row group, column chunk, image): GROUP_ROWS rows of g in BLOCK_R steps.
+    # dx_vis[b, src(r)] = g[b, r] on visible rows (each x_vis row has exactly one source row,
+    # ids_restore being a permutation: no zero fill); the removed rows are summed in
+    # registers into this program's partial row of d mask_token (no atomics: the launcher
+    # adds the B * groups partial rows in a fixed order); dpos[r] += g[b, r] with relaxed
+    # atomics (B adds per element) unless the launcher column-sums g.
+    ACC: tl.constexpr = tl.float64 if part_ptr.dtype.element_ty == tl.float64 else tl.float32
+    grp = tl.program_id(0)
+    b = tl.program_id(2).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cm = c < D
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    for r0 in range(0, GROUP_ROWS, BLOCK_R):
+        rows = grp * GROUP_ROWS + r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < T
+        body = rows >= N_PREFIX
+        k = tl.load(ids_ptr + b * stride_ib + (rows - N_PREFIX), mask=rmask & body, other=0)
+        k = k.to(tl.int64)
+        vis = rmask & ((~body) | ((k >= 0) & (k < L_KEEP)))
+        src = tl.where(body, N_PREFIX + k, rows.to(tl.int64))
+        r64 = rows.to(tl.int64)[:, None]
         m = rmask[:, None] & cm[None, :]
-        g = tl.load(g_rows + c[None, :], mask=m, other=0).to(ACC)
-        tl.store(dx_rows + c[None, :], g, mask=vis[:, None] & cm[None, :])
-        tok = tl.sum(tl.where(removed[:, None], g, 0.0), axis=0)  # (BLOCK_D,)
-        if DETERMINISTIC:
-            tl.store(part + c, tok, mask=cm)
-        else:
-            tl.atomic_add(dtok_ptr + c, tok, mask=cm)
+        g = tl.load(g_ptr + b * stride_gb + r64 * stride_gl + c[None, :], mask=m,
+                    other=0).to(ACC)
+        tl.store(dx_ptr + b * stride_dxb + src[:, None] * stride_dxl + c[None, :], g,
+                 mask=vis[:, None] & cm[None, :])
+        acc += tl.sum(tl.where((rmask & ~vis)[:, None], g, 0.0), axis=0)
         if POS_ATOMIC:
-            tl.atomic_add(dp_rows + c[None, :], g, mask=m)
+            tl.atomic_add(dpos_ptr + r64 * stride_dpl + c[None, :], g, mask=m, sem="relaxed")
+    row = b * tl.num_programs(0) + grp
+    tl.store(part_ptr + row * D + c, acc, mask=cm)
 
 
 register_kernel(
     _scatter_tokens_bwd_kernel,
-    signature={"g_ptr": "*{gt}", "ids_ptr": "*i64", "dx_ptr": "*{xt}", "dtok_ptr": "*fp32",
+    signature={"g_ptr": "*{ot}", "ids_ptr": "*i64", "dx_ptr": "*{xt}", "part_ptr": "*fp32",
                "dpos_ptr": "*fp32", "T": "i32", "L_KEEP": "i32", "N_PREFIX": "i32", "D": "i32",
                "stride_gb": "i32", "stride_gl": "i32", "stride_ib": "i32", "stride_dxb": "i32",
                "stride_dxl": "i32", "stride_dpl": "i32", "POS_ATOMIC": "constexpr",
-               "DETERMINISTIC": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-    configs=[KernelConfig("fp32 R4 D512 atomics",
-                          {"POS_ATOMIC": True, "DETERMINISTIC": False, **_TOKEN_CONSTS},
-                          types={"gt": "fp32", "xt": "fp32"}, num_warps=4, default=True)],
+               "GROUP_ROWS": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+    configs=_token_cfgs({"GROUP_ROWS": GROUP_ROWS, "BLOCK_R": GROUP_TILE, "BLOCK_D": BLOCK_D},
+                        ({"POS_ATOMIC": False}, {"POS_ATOMIC": True})),
 )
 
 
-@triton.jit
-def _sum_over_batch_kernel(
-    # pointers: src (B, R, D) rows contiguous, dst (R, D) acc
-    src_ptr, dst_ptr,
-    # shapes and strides
-    B, R, D, stride_sb, stride_sr, stride_dr,
-    # meta
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # dst[r, d] = Σ_b src[b, r, d] in the fixed order b = 0..B−1: the deterministic column
-    # reduction for d pos_embed (no atomics, same bits every run).
-    ACC: tl.constexpr = tl.float64 if dst_ptr.dtype.element_ty == tl.float64 else tl.float32
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    m = (rows < R)[:, None] & (cols < D)[None, :]
-    src = src_ptr + rows[:, None].to(tl.int64) * stride_sr + cols[None, :]
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC)
-    for _ in range(0, B):
-        acc += tl.load(src, mask=m, other=0).to(ACC)
-        src += stride_sb  # 64-bit pointer step: b·stride never overflows int32
-    tl.store(dst_ptr + rows[:, None].to(tl.int64) * stride_dr + cols[None, :], acc, mask=m)
-
-
-register_kernel(
-    _sum_over_batch_kernel,
-    signature={"src_ptr": "*fp32", "dst_ptr": "*fp32", "B": "i32", "R": "i32", "D": "i32",
-               "stride_sb": "i32", "stride_sr": "i32", "stride_dr": "i32",
-               "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-    configs=[KernelConfig("fp32 R4 D128", {"BLOCK_R": 4, "BLOCK_D": 128}, num_warps=4,
-                          default=True)],
-    hot=False,  # only on the deterministic path
-)
-
-
+# ----------------------------------------------------------------------------- loss
 @triton.jit
 def _masked_patch_loss_kernel(
     # pointers: pred (B, L, P), imgs (B, C, H, W), mask (B·L,) acc, denom (1,) acc,
-    # grad (B·L, P) pred dtype, loss (B·L,) acc per-patch partials
+    # grad (B·L, P) fp32 for fp16/bf16 pred (else pred's dtype), loss (B·L,) acc partials
     pred_ptr, img_ptr, mask_ptr, denom_ptr, grad_ptr, loss_ptr,
     # shapes: N = B·L patches, GW patches per image row
     N, L, GW,
@@ -267,7 +290,8 @@ def _masked_patch_loss_kernel(
     # One pass per patch m = (b, l): t = imgs patch in (row, col, channel) order, normalized
     # per patch with the unbiased variance; d = pred − t; loss[m] = w·Σd²/(P·n);
     # grad[m] = 2·w·d/(P·n) with w = mask[m], n = max(Σ mask, 1). Kept patches (w = 0) issue
-    # no loads (masked off) and store zero gradients.
+    # no loads (masked off) and store zero gradients. The gradient is stored in fp32 for half
+    # inputs: at MAE-B it is ~3e-7, fp16-subnormal, until the upstream gradient multiplies.
     ACC: tl.constexpr = tl.float64 if loss_ptr.dtype.element_ty == tl.float64 else tl.float32
     P: tl.constexpr = PATCH * PATCH * CHANNELS
     m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -304,33 +328,37 @@ def _masked_patch_loss_kernel(
                  mask=mvalid[:, None] & kv[None, :])
 
 
-def _loss_cfg(label, p, c, pt="fp32", default=False):
-    bp = next_power_of_2(p * p * c)
-    return KernelConfig(label, {"PATCH": p, "CHANNELS": c, "NORM_PIX": True, "WRITE_GRAD": True,
-                                "BLOCK_M": _loss_block_m(bp), "BLOCK_P": bp},
-                        types={"pt": pt, "it": "fp32"}, num_warps=_loss_warps(bp),
-                        default=default)
-
-
-def _loss_block_m(block_p):
+def loss_block_m(block_p):
     return max(1, min(128, 2048 // block_p))  # ~2048 pixels per program
 
 
-def _loss_warps(block_p):
-    return 4 if block_p * _loss_block_m(block_p) <= 2048 else 8
+def loss_warps(block_p):
+    return 4 if block_p * loss_block_m(block_p) <= 2048 else 8
+
+
+def _loss_cfgs():
+    out = []
+    for p, c in LOSS_PATCHES:
+        bp = next_power_of_2(p * p * c)
+        for pt, gt in LOSS_DTYPES:
+            for write in (True, False):  # no gradient pass under no_grad (evaluation)
+                out.append(KernelConfig(
+                    f"{pt} pred p{p} C{c}" + ("" if write else " no grad"),
+                    {"PATCH": p, "CHANNELS": c, "NORM_PIX": True, "WRITE_GRAD": write,
+                     "BLOCK_M": loss_block_m(bp), "BLOCK_P": bp},
+                    types={"pt": pt, "gt": gt if write else "fp32", "it": "fp32"},
+                    num_warps=loss_warps(bp), num_stages=LOSS_STAGES,
+                    default=(p, c, pt, write) == (16, 3, "bf16", True)))
+    return out
 
 
 register_kernel(
     _masked_patch_loss_kernel,
     signature={"pred_ptr": "*{pt}", "img_ptr": "*{it}", "mask_ptr": "*fp32",
-               "denom_ptr": "*fp32", "grad_ptr": "*{pt}", "loss_ptr": "*fp32", "N": "i32",
+               "denom_ptr": "*fp32", "grad_ptr": "*{gt}", "loss_ptr": "*fp32", "N": "i32",
                "L": "i32", "GW": "i32", "stride_pb": "i32", "stride_pl": "i32",
                "stride_ib": "i32", "stride_ic": "i32", "stride_ih": "i32", "stride_iw": "i32",
                "PATCH": "constexpr", "CHANNELS": "constexpr", "NORM_PIX": "constexpr",
                "WRITE_GRAD": "constexpr", "BLOCK_M": "constexpr", "BLOCK_P": "constexpr"},
-    configs=[
-        _loss_cfg("fp32 p16 C3 norm_pix", 16, 3, default=True),
-        _loss_cfg("amp bf16 pred p16 C3 norm_pix", 16, 3, pt="bf16"),
-        _loss_cfg("fp32 p14 C3 norm_pix (ViT-H)", 14, 3),
-    ],
+    configs=_loss_cfgs(),
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import _acc_dtype
+from ._checks import _acc_dtype, grad_buffer_dtype
 from ._ref import NORM_PIX_EPS
 
 
@@ -146,7 +146,9 @@ def _loss_fwd_torch(pred, imgs, mask, patch_size, norm_pix, need_grad):
     sq = torch.empty(rows.numel(), device=pred.device, dtype=acc)  # |diff| per patch
     grad = None
     if need_grad:
-        grad = torch.empty(b * length, p_dim, device=pred.device, dtype=pred.dtype)
+        # fp32 for fp16/bf16 pred: the upstream gradient multiplies before the rounding
+        grad = torch.empty(b * length, p_dim, device=pred.device,
+                           dtype=grad_buffer_dtype(pred.dtype))
         grad.index_fill_(0, (wts == 0).nonzero().squeeze(1), 0)
     step = _chunk(p_dim, LOSS_CHUNK_PIXELS)
     for i in range(0, rows.numel(), step):
@@ -163,6 +165,6 @@ def _loss_fwd_torch(pred, imgs, mask, patch_size, norm_pix, need_grad):
             diff.sub_(t)
         torch.linalg.vector_norm(diff, dim=-1, out=sq[i:j])
         if need_grad:
-            grad.index_copy_(0, rows[i:j], diff.mul_(scale[i:j]).to(pred.dtype))
+            grad.index_copy_(0, rows[i:j], diff.mul_(scale[i:j]).to(grad.dtype))
     loss = torch.dot(sq.square_(), w_rows) / (p_dim * denom)
     return loss, (grad.view(b, length, p_dim) if need_grad else None)
