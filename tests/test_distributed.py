@@ -212,3 +212,55 @@ def test_fsdp_checkpoint_loads_without_fsdp(tmp_path):
     feats = method.encoder()(x)
     assert feats.shape == (2, method.encoder().feature_dim)
     assert all(math.isfinite(v) for v in feats.flatten().tolist())
+
+
+# ----------------------------------------------------------------------------- --accum-steps
+def _accum_rank_main(rank: int, init_file: str, out_dir: str) -> None:
+    """Each rank: 1-micro-batch steps, then a 3-micro-batch step, counting DDP's gradient
+    all-reduces through a comm hook (it runs once per bucket per synced backward)."""
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                             world_size=WORLD)
+    try:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        from selfsup.engine.distributed import wrap
+        from selfsup.engine.step import NonFiniteWatch, forward_backward
+
+        method = build("simsiam")
+        model = wrap(method, method_config("simsiam"), torch.device("cpu"))
+        calls = {"n": 0}
+
+        def counting_hook(state, bucket):
+            calls["n"] += 1
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, counting_hook)
+        views = fixed_views("simsiam")
+        n = B // WORLD
+        local = [v[rank * n:(rank + 1) * n] for v in views]
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        kw = dict(step=0, watch=NonFiniteWatch(torch.device("cpu")), amp_dtype=None,
+                  device_type="cpu")
+        counts = []
+        # the first step twice: DDP rebuilds its buckets after the first backward
+        three = [local, [v.flip(0) for v in local], [v * 0.5 for v in local]]
+        for micro in ([local], [local], three):
+            calls["n"] = 0
+            method.zero_grad(set_to_none=True)
+            forward_backward(model, scaler, micro, **kw)
+            counts.append(calls["n"])
+        grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
+        torch.save({"counts": counts, "grads": grads}, Path(out_dir) / f"accum{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_accum_all_reduces_only_on_the_last_micro_batch(tmp_path):
+    mp.spawn(_accum_rank_main, args=(str(tmp_path / "rdzv"), str(tmp_path)), nprocs=WORLD,
+             join=True)
+    ranks = [torch.load(tmp_path / f"accum{r}.pt", weights_only=True) for r in range(WORLD)]
+    for r in ranks:
+        _, one, three = r["counts"]
+        assert one >= 1 and three == one, r["counts"]  # no_sync on micro-batches 1 and 2
+    for k, g in ranks[0]["grads"].items():  # and the last backward synced all of it
+        torch.testing.assert_close(ranks[1]["grads"][k], g, rtol=1e-6, atol=1e-8, msg=k)

@@ -102,7 +102,8 @@ class MoCo(Method):
         q = self.query(views[0])
         k = F.normalize(self.key(views[1]), dim=1).to(self.queue.queue.dtype)
         loss = info_nce_queue(q, k, self.queue.queue, self.temperature)
-        self._pending = dist.all_gather_nograd(k)
+        keys = dist.all_gather_nograd(k)  # --accum-steps: every micro-batch's keys join
+        self._pending = keys if self._pending is None else torch.cat([self._pending, keys])
         return {"loss": loss, **collapse_stats(q)}
 
     @torch.no_grad()
