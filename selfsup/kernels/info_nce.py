@@ -638,8 +638,7 @@ def info_nce_dk(q, keys, lse2, temperature, *, self_mask, key_offset, key_mod):
 # The query gradient (and the portable path's key gradient) is computed in forward, in the
 # accumulation dtype; backward multiplies it by the upstream gradient in that dtype and only
 # then casts it to the input's dtype (fp16 keeps GradScaler's scale).
-def _fwd_fake(q, keys, pos, t_tensor, t_float, mode, offset, backend, need_dq, need_dk,
-              need_dpos):
+def _fwd_fake(q, keys, pos, t_tensor, t_float, mode, offset, backend, need_dq, need_dk):
     """Outputs (loss, dq, coef, lse2, dk); unused slots are empty (`placeholder`)."""
     acc = compute_dtype(q.dtype)
     (n, c), m = q.shape, keys.shape[0]
@@ -653,7 +652,7 @@ def _fwd_fake(q, keys, pos, t_tensor, t_float, mode, offset, backend, need_dq, n
 @fused_op("info_nce_fwd", fake=_fwd_fake)
 def _info_nce_fwd_op(q: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor | None,
                      t_tensor: torch.Tensor | None, t_float: float, mode: str, offset: int,
-                     backend: str, need_dq: bool, need_dk: bool, need_dpos: bool,
+                     backend: str, need_dq: bool, need_dk: bool,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
     temperature = join_temperature(t_tensor, t_float)  # a CPU tensor checked > 0 here
@@ -717,18 +716,18 @@ def _backward(ctx, grad, *_unused):
         dk_out = (dk * scale).to(keys_dt)
     if mode == "queue" and ctx.needs_input_grad[2]:
         dpos_out = (coef[:, None] * q.to(coef.dtype) * scale).to(pos_dt)
-    return dq_out, dk_out, dpos_out, None, None, None, None, None, None, None, None
+    return dq_out, dk_out, dpos_out, None, None, None, None, None, None, None
 
 
 _info_nce_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _fused(q, keys, pos, temperature, mode, offset, backend, need_dq, need_dk, need_dpos):
+def _fused(q, keys, pos, temperature, mode, offset, backend, need_dq, need_dk):
     """The mean loss through ``torch.ops.selfsup.info_nce_fwd`` (its other outputs are what
     backward needs)."""
     t_tensor, t_float = split_temperature(temperature)
     return _info_nce_fwd_op(q, keys, pos, t_tensor, t_float, mode, offset, backend, need_dq,
-                            need_dk, need_dpos)[0]
+                            need_dk)[0]
 
 # ----------------------------------------------------------------------------- public API
 def _backend(*tensors: torch.Tensor) -> str:
@@ -764,8 +763,9 @@ def info_nce_queue(q, k, queue, temperature, *, normalize=True):
     if normalize:
         q, k = _normalize(q), _normalize(k)
     grad = torch.is_grad_enabled()
-    return _fused(q, queue, k, temperature, "queue", 0, backend,
-                                 grad and q.requires_grad, False, grad and k.requires_grad)
+    # k's gradient (the extra positive's) comes from the saved coef whenever k needs one
+    return _fused(q, queue, k, temperature, "queue", 0, backend, grad and q.requires_grad,
+                  False)
 
 
 def info_nce_batch(q, k, temperature, *, positive_offset=0, normalize=True):
@@ -792,7 +792,7 @@ def info_nce_batch(q, k, temperature, *, positive_offset=0, normalize=True):
         q, k = _normalize(q), _normalize(k)
     grad = torch.is_grad_enabled()
     return _fused(q, k, None, temperature, "batch", positive_offset, backend,
-                                 grad and q.requires_grad, grad and k.requires_grad, False)
+                  grad and q.requires_grad, grad and k.requires_grad)
 
 
 def nt_xent(z1, z2, temperature, *, normalize=True):
@@ -816,5 +816,4 @@ def nt_xent(z1, z2, temperature, *, normalize=True):
     if normalize:
         z = _normalize(z)
     need = torch.is_grad_enabled() and z.requires_grad
-    return _fused(z, z, None, temperature, "nt_xent", len(z1), backend,
-                                 need, need, False)
+    return _fused(z, z, None, temperature, "nt_xent", len(z1), backend, need, need)

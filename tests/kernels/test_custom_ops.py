@@ -90,11 +90,11 @@ def _op_args(kind, path, dtype, t_tensor):
     q, k = q.requires_grad_(), k.requires_grad_()
     t = (torch.tensor(0.2, dtype=dtype), 0.0) if t_tensor else (None, 0.2)
     if kind == "queue":
-        return (q, rest[0], k, *t, "queue", 0, path, True, False, True)
+        return (q, rest[0], k, *t, "queue", 0, path, True, False)
     if kind == "batch":  # k is the (M, C) key matrix here
-        return (q, k, None, *t, "batch", 7, path, True, True, False)
+        return (q, k, None, *t, "batch", 7, path, True, True)
     z = torch.cat([q, k]).detach().requires_grad_()
-    return (z, z, None, *t, "nt_xent", len(q), path, True, True, False)
+    return (z, z, None, *t, "nt_xent", len(q), path, True, True)
 
 
 @pytest.mark.parametrize("t_tensor", [False, True], ids=["t-float", "t-tensor"])
