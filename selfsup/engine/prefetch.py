@@ -123,8 +123,13 @@ class DevicePrefetcher:
             pending = None if nxt is None else (self._to_device(nxt[0]), nxt[1])
             while pending is not None:
                 views, labels = pending
-                nxt = next(host, None)  # the copy of batch i+1 is issued before step i runs
+                try:  # the copy of batch i+1 is issued before step i runs
+                    nxt, error = next(host, None), None
+                except Exception as e:  # noqa: BLE001 - raised after batch i, where it belongs
+                    nxt, error = None, e
                 pending = None if nxt is None else (self._to_device(nxt[0]), nxt[1])
                 yield self._ready(views), labels
+                if error is not None:
+                    raise error
         finally:
             host.close()
