@@ -1,66 +1,92 @@
-"""Barlow Twins loss without the D x D cross-correlation matrix.
+"""Barlow Twins loss without the D x D cross-correlation matrix (Zbontar et al. 2021).
 
-Zbontar et al. 2021. z1, z2: (N, D) projector outputs of two views. Each is standardised per
-feature over the batch (A = (z1 - mean) / std, B likewise; biased std + eps, as the official
-code's BatchNorm1d(affine=False)), then
+z1, z2: (N, D) projector outputs of two views. Each is standardised per feature over the batch,
+A = (z1 - mean) / sqrt(var + 1e-5) (biased var: the official BatchNorm1d(affine=False)), then
 
     C = A^T B / N                                    (D, D) cross-correlation
-    L = sum_i (C_ii - 1)^2 + lambd * sum_{i != j} C_ij^2
+    L = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2
 
-The portable path never forms C. Its diagonal is a column sum, C_ii = sum_n A_ni B_ni / N, and
-its squared Frobenius norm is an N x N Gram product:
+Never forming C: C_ii = sum_n A_ni B_ni / N is a column sum and
+sum_ij C_ij^2 = ||A^T B||_F^2 / N^2 = <A A^T, B B^T>_F / N^2 (exact), so
 
-    sum_ij C_ij^2 = ||A^T B||_F^2 / N^2 = <A A^T, B B^T>_F / N^2     (exact)
+    L = sum_i (C_ii - 1)^2 - lambd sum_i C_ii^2 + lambd <A A^T, B B^T>_F / N^2.
 
-so L = sum_i (C_ii - 1)^2 - lambd sum_i C_ii^2 + lambd <G_a, G_b> / N^2 with G = X X^T. Its
-gradient dL/dA = 2 lambd G_b A / N^2 + diag-terms (B * (2(C_ii - 1) - 2 lambd C_ii) / N), by
-autograd on that expression, which keeps only N x N Grams.
+Backward (derived; gradcheck-tested), with k_i = (2 (C_ii - 1) - 2 lambd C_ii) / N:
 
-Bytes / FLOPs at D = 8192 (fp32):
-- naive: C is 8192^2 x 4 B = 268 MB written, then read by diag / pow / sum passes (~1.3 GB
-  of traffic forward, as much again backward) and 2 N D^2 = 34 GFLOP (N=256) / 275 GFLOP
-  (N=2048) for C and as much twice for its backward.
-- Gram path: G_a, G_b are N^2 (0.26 MB at N=256, 16.8 MB at N=2048); 2 x 2 N^2 D = 2.1 /
-  137 GFLOP forward. At N << D it does ~16x fewer FLOPs (N=256) and no large intermediate;
-  at N=2048 ~2x fewer FLOPs. Both are GEMMs cuBLAS already runs near peak, which is why no
-  Triton kernel is written for this op yet: a fused tiled sweep over D x D blocks would
-  still do the 2 N D^2 FLOPs the Gram identity avoids. When N > D the direct C (D x D) is
-  the smaller tensor and is used instead.
+    dL/dA = B diag(k) + 2 lambd / N^2 (B B^T) A       dL/dB = A diag(k) + 2 lambd / N^2 (A A^T) B
 
-Distributed: the paper all-reduces C (a sum over ranks of A_r^T B_r / N). Here the
-standardised rows are gathered with gradient (selfsup.dist.all_gather_with_grad) and the
-loss is computed on the global batch: exact, including the global mean / std, and the
-gathered N_global x D rows are smaller than C whenever N_global < D.
+and through the standardisation (BatchNorm's backward, exact with the eps):
+dz = rstd (dA - mean_n dA - A mean_n(dA * A)). For 2N > D the products go through C instead
+((B B^T) A = N B C^T), a column slab at a time (_gram_torch.py).
+
+Which form pays, at D = 8192 (fp32; docs/kernels-barlow-vicreg.md):
+                         N = 256                       N = 2048
+  (a) naive C = A^T B    34 GFLOP fwd, C = 268 MB      275 GFLOP fwd, C = 268 MB
+  (b) Gram, 2 GEMMs      2.1 GFLOP, 2 x 0.26 MB        137 GFLOP, 2 x 16.8 MB
+  (c) tiled C sweep      34 GFLOP, nothing stored      275 GFLOP, nothing stored
+  (b') fused Gram sweep  1.1 GFLOP, nothing stored     69 GFLOP, nothing stored
+(c) saves (a)'s memory but keeps its FLOPs; the Gram form does 2 N^2 D-4 N^2 D against
+2 N D^2, so it wins whenever N < D. The Triton path is (b'): `_gram_triton.py` sweeps the
+upper triangle of both Grams tile by tile, standardising in registers, and reduces the
+product there (half the FLOPs of (b), no N x N or standardised copy written). The backward
+needs the Gram as a GEMM operand, so it is two cuBLAS products per view (4 N^2 D / view).
+
+Distributed: the paper all-reduces C. Here every rank all-gathers z (N_global x D, smaller
+than C whenever N_global < D), computes the global statistics and loss, and its backward
+computes only its own rows' gradient (two all-reduced D-vectors for the global BatchNorm
+backward). As `selfsup.dist.all_gather_with_grad`, the local gradient is world_size x
+d L / d z_local (every rank holds the same global loss): DDP's gradient averaging then
+gives exactly the single-process gradient of the concatenated batch.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import dist
-from ._utils import check_same_device, forced_backend
+from ._gram_torch import frob_cross, gram_apply
+from ._utils import FLOAT_DTYPES, check_same_device, choose_backend, compute_dtype
 
 EPS = 1e-5  # BatchNorm1d's
 
 
-def _check(z1: torch.Tensor, z2: torch.Tensor, name: str) -> None:
+# ----------------------------------------------------------------------------- checks
+def check_pair(z1: object, z2: object, name: str) -> None:
+    """ValueError naming the argument unless z1, z2 are same-shape (N >= 2, D) float tensors
+    on one device."""
     for arg, z in (("z1", z1), ("z2", z2)):
         if not isinstance(z, torch.Tensor) or z.ndim != 2:
             raise ValueError(f"{name}: {arg} must be a 2-D (N, D) tensor, got "
                              f"{getattr(z, 'shape', type(z).__name__)}")
-        if not z.is_floating_point():
-            raise ValueError(f"{name}: {arg} must be floating point, got {z.dtype}")
+        if z.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: {arg} must be float16/bfloat16/float32/float64, "
+                             f"got {z.dtype}")
     if z1.shape != z2.shape:
         raise ValueError(f"{name}: z2 must have z1's shape {tuple(z1.shape)}, got "
                          f"{tuple(z2.shape)}")
+    if z1.dtype != z2.dtype:
+        raise ValueError(f"{name}: z2 must have z1's dtype {z1.dtype}, got {z2.dtype}")
     if z1.shape[0] < 2:
         raise ValueError(f"{name}: z1 needs a batch of N >= 2 rows for its statistics, "
                          f"got N={z1.shape[0]}")
+    if z1.shape[1] < 1:
+        raise ValueError(f"{name}: z1 needs D >= 1 features, got shape {tuple(z1.shape)}")
     check_same_device(z1=z1, z2=z2)
 
 
+def check_weight(name: str, arg: str, value: object) -> float:
+    """The weight as a float, or ValueError unless it is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: {arg} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------- reference
 def standardize(z: torch.Tensor) -> torch.Tensor:
-    """(z - mean) / sqrt(var + eps) over the batch (biased var, as BatchNorm1d)."""
+    """(z - mean) / sqrt(var + eps) over the batch (biased var: BatchNorm1d(affine=False))."""
     z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
     mu = z.mean(0)
     var = (z - mu).pow(2).mean(0)
@@ -69,43 +95,89 @@ def standardize(z: torch.Tensor) -> torch.Tensor:
 
 def barlow_twins_loss_ref(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
                           upcast: bool = True) -> torch.Tensor:
-    """The paper's pseudocode: materialises C (D x D)."""
+    """The paper's pseudocode: BatchNorm without affine, C = A^T B / N materialised (D x D)."""
     if upcast:
         z1, z2 = z1.double(), z2.double()
-    n = z1.shape[0]
-    c = standardize(z1).T @ standardize(z2) / n  # reads 2ND, writes D^2
-    on_diag = (torch.diagonal(c) - 1).pow(2).sum()  # reads D
-    off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()  # reads D^2 (+ writes D^2)
+    n, d = z1.shape
+    c = standardize(z1).T @ standardize(z2) / n
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off = ~torch.eye(d, dtype=torch.bool, device=c.device)
+    off_diag = c[off].pow(2).sum()
     return on_diag + lambd * off_diag
 
 
-def _loss_standardized(a: torch.Tensor, b: torch.Tensor, lambd: float) -> torch.Tensor:
-    n, d = a.shape
-    diag = (a * b).sum(0) / n  # C_ii, (D,)
-    if n <= d:  # Gram identity: two N x N products instead of one D x D
-        frob = (a @ a.T * (b @ b.T)).sum() / (n * n)
-    else:
-        frob = (a.T @ b).pow(2).sum() / (n * n)
-    return (diag - 1).pow(2).sum() + lambd * (frob - diag.pow(2).sum())
+# ----------------------------------------------------------------------------- fused
+def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mu = x.mean(0)
+    return mu, torch.rsqrt((x - mu).pow(2).mean(0) + EPS)
+
+
+class _BarlowTwins(torch.autograd.Function):
+    """Loss over the (gathered) global batch; gradients of this rank's rows only."""
+
+    @staticmethod
+    def forward(ctx, z1, z2, lambd: float, triton: bool):  # type: ignore[override]
+        cdt = compute_dtype(z1.dtype)
+        g1, g2 = dist.all_gather_nograd(z1), dist.all_gather_nograd(z2)
+        x1, x2 = g1.to(cdt), g2.to(cdt)
+        n, d = x1.shape
+        mu1, rs1 = _stats(x1)
+        mu2, rs2 = _stats(x2)
+        a, b = (x1 - mu1) * rs1, (x2 - mu2) * rs2
+        c = (a * b).sum(0) / n
+        if triton and n <= d:  # the fused sweep pays up to N = D (it halves the Gram FLOPs)
+            from ._gram_triton import gram_dot
+
+            frob = gram_dot(g1, mu1, rs1, g2, mu2, rs2)
+        else:
+            frob = frob_cross(a, b)
+        loss = (c - 1).pow(2).sum() + lambd * (frob / (n * n) - c.pow(2).sum())
+        ctx.save_for_backward(g1, g2, mu1, rs1, mu2, rs2, c)
+        ctx.lambd, ctx.n_local, ctx.dtype = lambd, z1.shape[0], z1.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        g1, g2, mu1, rs1, mu2, rs2, c = ctx.saved_tensors
+        lambd, dtype = ctx.lambd, ctx.dtype
+        cdt = c.dtype
+        a, b = (g1.to(cdt) - mu1) * rs1, (g2.to(cdt) - mu2) * rs2
+        n, d = a.shape
+        lo = dist.rank() * ctx.n_local if dist.is_dist() else 0
+        a_r, b_r = a[lo:lo + ctx.n_local], b[lo:lo + ctx.n_local]
+        k = (2 * (c - 1) - 2 * lambd * c) / n
+        s = 2 * lambd / (n * n)
+        da = b_r * k + s * gram_apply(b_r, b, a)
+        db = a_r * k + s * gram_apply(a_r, a, b)
+        # BatchNorm backward over the global batch: column sums of dA and dA * A
+        sums = torch.stack([da.sum(0), (da * a_r).sum(0), db.sum(0), (db * b_r).sum(0)])
+        dist.all_reduce_sum(sums)
+        dz1 = rs1 * (da - sums[0] / n - a_r * (sums[1] / n))
+        dz2 = rs2 * (db - sums[2] / n - b_r * (sums[3] / n))
+        # upstream (GradScaler's scale) in the compute dtype before rounding to the input's
+        scale = grad.to(cdt) * (dist.world_size() if dist.is_dist() else 1)
+        return (dz1 * scale).to(dtype), (dz2 * scale).to(dtype), None, None
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051) -> torch.Tensor:
     """Barlow Twins loss of two views' projections, over the global batch when distributed.
 
     Args:
-        z1, z2: (N, D) projections (any float dtype; computed in fp32, fp64 stays fp64).
-        lambd: weight of the off-diagonal (redundancy) term; paper 0.0051 (about 1/D).
+        z1, z2: (N, D) projections, same shape and dtype (fp16/bf16 computed in fp32, fp64
+            in fp64); N >= 2.
+        lambd: weight of the off-diagonal (redundancy) term, >= 0; paper 0.0051.
     Returns:
-        scalar loss (fp32, or fp64 for fp64 inputs).
+        scalar loss (fp32, or fp64 for fp64 inputs); gradients in the inputs' dtype.
     Example:
         >>> loss = barlow_twins_loss(torch.randn(8, 16), torch.randn(8, 16))
     """
-    _check(z1, z2, "barlow_twins_loss")
-    if not isinstance(lambd, (int, float)) or lambd < 0:
-        raise ValueError(f"barlow_twins_loss: lambd must be a number >= 0, got {lambd!r}")
-    if dist.is_dist():
+    check_pair(z1, z2, "barlow_twins_loss")
+    lambd = check_weight("barlow_twins_loss", "lambd", lambd)
+    too_big = "N x D >= 2^31 (int32 offsets)" if z1.numel() * dist.world_size() >= 2**31 else None
+    backend = choose_backend(z1, z2, unsupported=too_big)
+    if backend == "ref":
         z1, z2 = dist.all_gather_with_grad(z1), dist.all_gather_with_grad(z2)
-    if forced_backend() == "ref":
-        return barlow_twins_loss_ref(z1, z2, lambd, upcast=False).float()
+        loss = barlow_twins_loss_ref(z1, z2, lambd, upcast=False)
+        return loss.to(compute_dtype(z1.dtype))
     with torch.autocast(z1.device.type, enabled=False):
-        return _loss_standardized(standardize(z1), standardize(z2), float(lambd))
+        return _BarlowTwins.apply(z1, z2, lambd, backend == "triton")

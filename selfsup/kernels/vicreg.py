@@ -1,21 +1,30 @@
-"""VICReg loss without the D x D covariance matrices.
+"""VICReg loss without the D x D covariance matrices (Bardes et al. 2022).
 
-Bardes et al. 2022. z1, z2: (N, D) expander outputs of two views.
+z1, z2: (N, D) expander outputs of two views; X = z - mean (per view, over the batch).
 
     inv = mean_{n,d} (z1 - z2)^2
-    var = mean_d relu(1 - sqrt(Var_n(z_d) + 1e-4))        per view, averaged over the views
-    cov = sum_{i != j} Cov(z)_ij^2 / D,  Cov = Xc^T Xc / (N - 1)      per view, summed
-    L = sim * inv + var_coeff * var + cov_coeff * cov      paper: 25, 25, 1
+    var = mean_d relu(1 - sqrt(Var_n(z_d) + 1e-4))       per view, averaged over the two views
+    cov = sum_{i != j} Cov_ij^2 / D,  Cov = X^T X / (N - 1)      per view, summed
+    L = sim * inv + var_w * var + cov_w * cov               paper: 25, 25, 1
 
-The portable path never forms Cov: sum_ij Cov_ij^2 = <Xc Xc^T, Xc Xc^T>_F / (N-1)^2 (an N x N
-Gram, exact), and its diagonal is the per-feature variance already needed by the variance term.
-At D = 8192 the naive Cov is 268 MB per view (fp32) and 2 N D^2 = 34 / 275 GFLOP at N = 256 /
-2048; the Gram is N^2 (0.26 / 16.8 MB) and 2 N^2 D = 1.1 / 69 GFLOP. Both are plain GEMMs
-(cuBLAS), so no Triton kernel is written: a tiled D x D sweep would redo the FLOPs the
-identity avoids. For N > D the direct D x D covariance is the smaller tensor and is used.
+Never forming Cov: sum_ij Cov_ij^2 = <X X^T, X X^T>_F / (N-1)^2 (exact), and its diagonal
+v_d = Cov_dd is the variance the hinge needs anyway. The FLOP / byte comparison is Barlow
+Twins' (barlow_twins.py, docs/kernels-barlow-vicreg.md) with A = B = X, per view; the Triton
+path is the same fused Gram sweep (`_gram_triton.py`, rstd = 1: centring only).
 
-Distributed: as the official code, the rows are gathered (with gradient) and every statistic
-is over the global batch: exact.
+Backward (derived; gradcheck-tested), per view, s_d = sqrt(v_d + 1e-4):
+
+    dL/dX = -var_w/2 [s < 1] X / (D s (N-1)) + cov_w 4/D ((X X^T) X / (N-1)^2 - X v / (N-1))
+    dL/dz = dL/dX - mean_n dL/dX  (+ the invariance term 2 sim (z1 - z2) / (N D), +/- per view)
+
+The hinge's kink (s = 1) takes relu's subgradient 0, as torch's relu.
+
+Distributed: as the official code, the embeddings are all-gathered and every statistic
+(and here the invariance mean too) is over the global batch: exactly the single-process loss
+on the concatenated batch. Each rank's backward computes its own rows' gradient only (one
+all-reduced D-vector per view for the centring); the local gradient is world_size x
+d L / d z_local, the `selfsup.dist.all_gather_with_grad` convention that DDP's averaging
+turns into the single-process gradient.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import dist
-from ._utils import forced_backend
-from .barlow_twins import _check
+from ._gram_torch import frob_cross, gram_apply
+from ._utils import choose_backend, compute_dtype
+from .barlow_twins import check_pair, check_weight
 
 VAR_EPS = 1e-4
 
@@ -41,19 +51,66 @@ def vicreg_loss_ref(z1: torch.Tensor, z2: torch.Tensor, sim: float = 25.0, var: 
     std_x, std_y = torch.sqrt(x.var(0) + VAR_EPS), torch.sqrt(y.var(0) + VAR_EPS)
     var_l = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2
     off = ~torch.eye(d, dtype=torch.bool, device=z1.device)
-    cov_x, cov_y = x.T @ x / (n - 1), y.T @ y / (n - 1)  # writes 2 D^2
-    cov_l = cov_x[off].pow(2).sum() / d + cov_y[off].pow(2).sum() / d  # reads/copies 2 D^2
+    cov_x, cov_y = x.T @ x / (n - 1), y.T @ y / (n - 1)
+    cov_l = cov_x[off].pow(2).sum() / d + cov_y[off].pow(2).sum() / d
     return sim * inv + var * var_l + cov * cov_l
 
 
-def _view_terms(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(variance hinge mean, off-diagonal covariance penalty) of one view."""
-    n, d = z.shape
-    x = z - z.mean(0)
-    v = x.pow(2).sum(0) / (n - 1)  # Cov_ii
+def _view(g: torch.Tensor, cdt: torch.dtype, triton: bool):
+    """(centred X, mean, variances v, hinge mean, covariance penalty) of one gathered view."""
+    x = g.to(cdt)
+    n, d = x.shape
+    mu = x.mean(0)
+    x = x - mu
+    v = x.pow(2).sum(0) / (n - 1)
     hinge = F.relu(1 - torch.sqrt(v + VAR_EPS)).mean()
-    frob = (x @ x.T).pow(2).sum() if n <= d else (x.T @ x).pow(2).sum()
-    return hinge, (frob / (n - 1) ** 2 - v.pow(2).sum()) / d
+    if triton and n <= d:
+        from ._gram_triton import gram_dot
+
+        ones = torch.ones_like(mu)
+        frob = gram_dot(g, mu, ones, g, mu, ones)
+    else:
+        frob = frob_cross(x, x)
+    return x, mu, v, hinge, (frob / (n - 1) ** 2 - v.pow(2).sum()) / d
+
+
+def _view_grad(x: torch.Tensor, x_r: torch.Tensor, v: torch.Tensor, var: float,
+               cov: float) -> torch.Tensor:
+    """dL/dz for this rank's rows of one view (hinge and covariance terms)."""
+    n, d = x.shape
+    s = torch.sqrt(v + VAR_EPS)
+    dx = (-(var / 2) / (d * (n - 1))) * torch.where(s < 1, 1 / s, 0.0) * x_r
+    dx = dx + (4 * cov / d) * (gram_apply(x_r, x, x) / (n - 1) ** 2 - x_r * v / (n - 1))
+    colsum = dist.all_reduce_sum(dx.sum(0))  # ~0 analytically (sum_n X = 0); kept exact
+    return dx - colsum / n
+
+
+class _VICReg(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z1, z2, sim: float, var: float, cov: float, triton: bool):  # type: ignore[override]
+        cdt = compute_dtype(z1.dtype)
+        g1, g2 = dist.all_gather_nograd(z1), dist.all_gather_nograd(z2)
+        x1, mu1, v1, h1, c1 = _view(g1, cdt, triton)
+        x2, mu2, v2, h2, c2 = _view(g2, cdt, triton)
+        inv = (x1 + mu1 - x2 - mu2).pow(2).mean()
+        ctx.save_for_backward(g1, g2, mu1, mu2, v1, v2)
+        ctx.w, ctx.n_local, ctx.dtype = (sim, var, cov), z1.shape[0], z1.dtype
+        return sim * inv + var * (h1 + h2) / 2 + cov * (c1 + c2)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        g1, g2, mu1, mu2, v1, v2 = ctx.saved_tensors
+        sim, var, cov = ctx.w
+        cdt = mu1.dtype
+        x1, x2 = g1.to(cdt) - mu1, g2.to(cdt) - mu2
+        n, d = x1.shape
+        lo = dist.rank() * ctx.n_local if dist.is_dist() else 0
+        hi = lo + ctx.n_local
+        d_inv = (2 * sim / (n * d)) * (g1[lo:hi].to(cdt) - g2[lo:hi].to(cdt))
+        dz1 = _view_grad(x1, x1[lo:hi], v1, var, cov) + d_inv
+        dz2 = _view_grad(x2, x2[lo:hi], v2, var, cov) - d_inv
+        scale = grad.to(cdt) * (dist.world_size() if dist.is_dist() else 1)
+        return (dz1 * scale).to(ctx.dtype), (dz2 * scale).to(ctx.dtype), None, None, None, None
 
 
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim: float = 25.0, var: float = 25.0,
@@ -61,25 +118,21 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim: float = 25.0, var: floa
     """VICReg loss of two views' embeddings, over the global batch when distributed.
 
     Args:
-        z1, z2: (N, D) embeddings (computed in fp32; fp64 stays fp64).
-        sim, var, cov: invariance, variance and covariance weights (paper 25, 25, 1).
+        z1, z2: (N, D) embeddings, same shape and dtype (fp16/bf16 computed in fp32, fp64 in
+            fp64); N >= 2.
+        sim, var, cov: invariance, variance and covariance weights, >= 0 (paper 25, 25, 1).
     Returns:
-        scalar loss.
+        scalar loss (fp32, or fp64 for fp64 inputs); gradients in the inputs' dtype.
     Example:
         >>> loss = vicreg_loss(torch.randn(8, 16), torch.randn(8, 16))
     """
-    _check(z1, z2, "vicreg_loss")
-    for name, w in (("sim", sim), ("var", var), ("cov", cov)):
-        if not isinstance(w, (int, float)) or w < 0:
-            raise ValueError(f"vicreg_loss: {name} must be a number >= 0, got {w!r}")
-    if dist.is_dist():
+    check_pair(z1, z2, "vicreg_loss")
+    sim, var, cov = (check_weight("vicreg_loss", k, w)
+                     for k, w in (("sim", sim), ("var", var), ("cov", cov)))
+    too_big = "N x D >= 2^31 (int32 offsets)" if z1.numel() * dist.world_size() >= 2**31 else None
+    backend = choose_backend(z1, z2, unsupported=too_big)
+    if backend == "ref":
         z1, z2 = dist.all_gather_with_grad(z1), dist.all_gather_with_grad(z2)
-    if forced_backend() == "ref":
-        return vicreg_loss_ref(z1, z2, sim, var, cov, upcast=False).float()
+        return vicreg_loss_ref(z1, z2, sim, var, cov, upcast=False).to(compute_dtype(z1.dtype))
     with torch.autocast(z1.device.type, enabled=False):
-        if z1.dtype in (torch.float16, torch.bfloat16):
-            z1, z2 = z1.float(), z2.float()
-        hx, cx = _view_terms(z1)
-        hy, cy = _view_terms(z2)
-        inv = (z1 - z2).pow(2).mean()
-        return sim * inv + var * (hx + hy) / 2 + cov * (cx + cy)
+        return _VICReg.apply(z1, z2, sim, var, cov, backend == "triton")
