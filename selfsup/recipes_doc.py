@@ -213,6 +213,56 @@ METHODS = [
         ("crop scale", "aug:scale", "0.2-1", None, "crop + flip only"),
         ("crop interpolation", "aug:interp", "cubic", None, ""),
     ]),
+    ("barlowtwins", "resnet50", "Barlow Twins (Zbontar et al. 2021), ResNet-50", [
+        ("optimizer", "optimizer", "lars", None, "biases and BN outside LARS and wd"),
+        ("base lr (x batch / 256)", "blr", 0.2, None,
+         "biases and BN: 0.0048 (their param group's lr_scale 0.024)"),
+        ("weight decay", "wd", 1.5e-6, None, ""),
+        ("warm-up epochs", "warmup_epochs", 10, None, ""),
+        ("epochs", "epochs", 1000, None, ""),
+        ("projector hidden", "proj_hidden", 8192, None, "Linear-BN-ReLU x 2, then Linear"),
+        ("projection dim", "proj_dim", 8192, None, ""),
+        ("lambda (off-diagonal)", "barlow_lambda", 0.0051, None, ""),
+        ("SyncBN", "sync_bn", True, None, ""),
+        *AUG_BYOL,
+    ]),
+    ("vicreg", "resnet50", "VICReg (Bardes et al. 2022), ResNet-50", [
+        ("optimizer", "optimizer", "lars", None, "biases and BN outside LARS and wd"),
+        ("base lr (x batch / 256)", "blr", 0.2, None, ""),
+        ("weight decay", "wd", 1e-6, None, ""),
+        ("warm-up epochs", "warmup_epochs", 10, None, ""),
+        ("epochs", "epochs", 1000, None, ""),
+        ("expander hidden", "proj_hidden", 8192, None, "Linear-BN-ReLU x 2, then Linear"),
+        ("expander dim", "proj_dim", 8192, None, ""),
+        ("sim, var, cov weights", "vicreg_weights", "25, 25, 1", None, ""),
+        *AUG_BYOL,
+    ]),
+    ("swav", "resnet50", "SwAV (Caron et al. 2020), ResNet-50, 2x224 + 6x96", [
+        ("optimizer", "optimizer", "lars", None, ""),
+        ("base lr (x batch / 256)", "blr", 0.3, None, "4.8 at batch 4096"),
+        ("final lr", "min_lr", 0.0048, None, "absolute: the paper's at batch 4096"),
+        ("weight decay", "wd", 1e-6, None, ""),
+        ("warm-up epochs", "warmup_epochs", 10, None, ""),
+        ("epochs", "epochs", 800, None, ""),
+        ("projector hidden", "proj_hidden", 2048, None, ""),
+        ("projection dim", "proj_dim", 128, None, ""),
+        ("prototypes K", "out_dim", 3000, None, "rows re-normalised after every step"),
+        ("temperature", "temperature", 0.1, None, ""),
+        ("Sinkhorn epsilon", "sinkhorn_eps", 0.05, None, ""),
+        ("Sinkhorn iterations", "sinkhorn_iters", 3, None, "sums all-reduced across ranks"),
+        ("queue length", "queue_size", 3840, None, "the batch-256 setting"),
+        ("queue from epoch", "queue_start_epochs", 15, None, ""),
+        ("prototypes frozen (epochs)", "freeze_last_layer_epochs", 1, None,
+         "313 iterations at batch 4096; counted in steps"),
+        ("local crops", "n_local", 6, None, "96 px"),
+        ("SyncBN", "sync_bn", True, None, ""),
+        ("global crop scale", "aug:scale", "0.14-1", None, ""),
+        ("local crop scale", "aug:local_scale", "0.05-0.14", None, "--local-crop-scale"),
+        ("colour jitter (b, c, s, h)", "aug:jitter", "0.8, 0.8, 0.8, 0.2", None, ""),
+        ("jitter p", "aug:jitter_p", 0.8, None, ""),
+        ("grey p", "aug:gray_p", 0.2, None, ""),
+        ("blur p (global 1 / 2)", "aug:blur_p", "0.5 / 0.5", None, "locals 0.5"),
+    ]),
 ]
 
 # what an unset (None) preset value means, per key
@@ -236,8 +286,11 @@ FLAGS = """
 - `--zero-init-residual`: each ResNet block's last BN gamma starts at 0.
 - `--mlp-bias` / `--no-mlp-bias`: a bias in head Linears that feed no BN (MoCo v3: none).
 - `--vit-init xavier|trunc_normal`; `--norm-last-layer` / `--no-norm-last-layer` (DINO head).
-- `--aug RECIPE` (mocov1, mocov2, byol, simclr, dino, mae), `--interp linear|cubic`,
-  `--jitter-strength S` (SimCLR), `--crop-scale A B`, `--local-crop-scale A B` (DINO).
+- `--aug RECIPE` (mocov1, mocov2, byol, simclr, dino, swav, mae), `--interp linear|cubic`,
+  `--jitter-strength S` (SimCLR), `--crop-scale A B`, `--local-crop-scale A B`.
+- `--local-crops N`: multi-crop, N local views besides the 2 global ones, for byol, simsiam,
+  simclr, barlowtwins, vicreg, swav and dino (DINO and SwAV default to their `--n-local`,
+  8 and 6; the others to none); docs/multicrop.md says which pairs enter each loss.
 """
 
 # What no setting shows: deliberate differences of the implementation, each with its reason.

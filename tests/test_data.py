@@ -129,8 +129,10 @@ def test_no_blur_drops_only_the_blur(backend):
 def test_recipe_errors_name_the_argument():
     with pytest.raises(ValueError, match="recipe must be one of"):
         get_recipe("simclr-v9", 32)
-    with pytest.raises(ValueError, match="n_local"):
-        get_recipe("mocov2", 32, n_local=4)
+    with pytest.raises(ValueError, match="n_local"):  # one view: no multi-crop
+        get_recipe("mae", 32, n_local=4)
+    with pytest.raises(ValueError, match="n_local must be an int >= 0"):
+        get_recipe("mocov2", 32, n_local=-1)
     with pytest.raises(ValueError, match="mean/std"):
         get_recipe("eval", 32, 1, mean=(0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match="scale"):

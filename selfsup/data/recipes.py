@@ -135,14 +135,19 @@ def _simclr(s, scale=(0.08, 1.0), strength=1.0):
     return (v, v)
 
 
-def _dino(s, n_local=8, local_size=None, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
-    # DINO: global 1 blur p=1; global 2 blur p=.1 + solarize p=.2; locals blur p=.5; all
-    # crops bicubic, as the official code resizes them
-    local_size = local_size or dino_local_size(s)
+def _dino(s, global_scale=(0.4, 1.0)):
+    # DINO: global 1 blur p=1; global 2 blur p=.1 + solarize p=.2; locals (multi-crop, below)
+    # blur p=.5; all crops bicubic, as the official code resizes them
     g1 = _strong(s, scale=global_scale, sat=0.2, blur_p=1.0, interp="cubic")
     g2 = _strong(s, scale=global_scale, sat=0.2, blur_p=0.1, solarize_p=0.2, interp="cubic")
-    loc = _strong(local_size, scale=local_scale, sat=0.2, blur_p=0.5, interp="cubic")
-    return (g1, g2) + (loc,) * n_local
+    return (g1, g2)
+
+
+def _swav(s, global_scale=(0.14, 1.0)):
+    # SwAV: SimCLR's colour distortion (strength 1) and blur p=.5 on every crop, the same
+    # distribution for all of them; 2 global crops of 0.14-1 (+ locals of 0.05-0.14, below)
+    v = View(s, global_scale, jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
+    return (v, v)
 
 
 def _mae(s, scale=(0.2, 1.0)):
@@ -156,7 +161,34 @@ def _eval(s, center_crop=None):
 
 
 RECIPES = {"mocov1": _mocov1, "mocov2": _mocov2, "byol": _byol, "simclr": _simclr,
-           "dino": _dino, "mae": _mae, "eval": _eval}
+           "dino": _dino, "swav": _swav, "mae": _mae, "eval": _eval}
+
+# ----------------------------------------------------------------------------- multi-crop
+# Multi-crop (Caron et al. 2020): the 2 global views plus n_local small crops, for every
+# two-view recipe. The locals' defaults are the papers' where the family uses multi-crop
+# (DINO 8 of 0.05-0.4, SwAV 6 of 0.05-0.14) and none elsewhere (an option: n_local=).
+MULTICROP_DEFAULTS = {"dino": (8, (0.05, 0.4)), "swav": (6, (0.05, 0.14))}
+LOCAL_SCALE = (0.05, 0.4)  # the locals' area range for recipes without a paper default
+MULTICROP_KEYS = ("n_local", "local_size", "local_scale")
+
+
+def local_view(first: View, size: int, scale: tuple[float, float]) -> View:
+    """A local crop: the first global view at the local size and crop range, blurred with
+    p = .5 if the globals blur at all and never solarized (DINO's and SwAV's locals; BYOL's
+    asymmetric 1 / .1 blur pair averages to .5)."""
+    return dataclasses.replace(first, size=size, scale=scale, solarize_p=0.0,
+                               blur_p=0.5 if first.blur_p > 0 else 0.0)
+
+
+def with_local_crops(name: str, views: tuple[View, ...], img_size: int, n_local=None,
+                     local_size=None, local_scale=None) -> tuple[View, ...]:
+    """`views` (2 global) + n_local local crops; None values take the recipe's defaults."""
+    n_default, scale_default = MULTICROP_DEFAULTS.get(name, (0, LOCAL_SCALE))
+    n_local = n_default if n_local is None else n_local
+    if not isinstance(n_local, int) or n_local < 0:
+        raise ValueError(f"n_local must be an int >= 0, got {n_local!r}")
+    size = local_size or dino_local_size(img_size)
+    return views + (local_view(views[0], size, local_scale or scale_default),) * n_local
 
 
 def dino_local_size(img_size: int) -> int:
@@ -172,7 +204,8 @@ def get_recipe(name: str, img_size: int, in_chans: int = 3, **overrides) -> Reci
     blur erases the detail that tells the classes apart); interp="linear" | "cubic" sets every
     view's crop interpolation; and the recipe's own keywords: scale= for
     mocov1/mocov2/byol/simclr/mae; strength= for simclr; n_local=, local_size=, global_scale=,
-    local_scale= for dino; center_crop= for eval.
+    local_scale= for every two-view recipe (multi-crop, see with_local_crops), global_scale=
+    for dino/swav; center_crop= for eval.
     """
     if name not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
@@ -193,13 +226,17 @@ def get_recipe(name: str, img_size: int, in_chans: int = 3, **overrides) -> Reci
         raise ValueError(f"interp must be one of {INTERPS}, got {interp!r}")
     build = RECIPES[name]
     allowed = list(inspect.signature(build).parameters)[1:]
+    two_view = name not in ("mae", "eval")
+    if two_view:
+        allowed += list(MULTICROP_KEYS)
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ValueError(f"recipe {name!r} does not take {unknown}; it takes {list(allowed)} "
                          "and mean=, std=")
-    if overrides.get("n_local", 0) < 0:
-        raise ValueError(f"n_local must be >= 0, got {overrides['n_local']}")
-    views = build(img_size, **overrides)
+    local = {k: overrides[k] for k in MULTICROP_KEYS if k in overrides}
+    views = build(img_size, **{k: v for k, v in overrides.items() if k not in local})
+    if two_view:
+        views = with_local_crops(name, views, img_size, **local)
     if not blur:
         views = tuple(dataclasses.replace(v, blur_p=0.0) for v in views)
         overrides["blur"] = False

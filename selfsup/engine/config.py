@@ -69,7 +69,8 @@ class Config:
     pred_hidden: int | None = None  # predictor hidden width
     mlp_bias: bool | None = None  # bias in head Linears feeding no BN (MoCo v3: none)
     out_dim: int | None = None  # DINO head output width K
-    n_local: int | None = None  # DINO local crops
+    n_local: int | None = None  # DINO / SwAV local crops (their presets: 8 / 6)
+    local_crops: int | None = None  # multi-crop: N local views for any method that takes them
     teacher_temp: float | None = None  # DINO teacher temperature after warm-up
     warmup_teacher_temp: float | None = None  # DINO teacher temperature at step 0
     warmup_teacher_temp_epochs: float | None = None  # DINO teacher temperature warm-up
@@ -81,6 +82,11 @@ class Config:
     decoder_dim: int | None = None  # MAE decoder width
     decoder_depth: int | None = None  # MAE decoder blocks
     shuffle_bn: bool | None = None  # MoCo v1/v2 shuffle BN (emulated on one process)
+    barlow_lambda: float | None = None  # Barlow Twins off-diagonal weight (paper 0.0051)
+    vicreg_weights: tuple[float, ...] | None = None  # VICReg sim var cov weights (25 25 1)
+    sinkhorn_eps: float | None = None  # SwAV Sinkhorn-Knopp epsilon (paper 0.05)
+    sinkhorn_iters: int | None = None  # SwAV Sinkhorn-Knopp iterations (paper 3)
+    queue_start_epochs: float | None = None  # SwAV: the queue joins the codes from this epoch
     # ---------------------------------------------------------------- augmentation
     crop_scale: tuple[float, float] | None = None  # random-resized-crop area (DINO: global)
     local_crop_scale: tuple[float, float] | None = None  # DINO local crops (paper 0.05 0.4)
@@ -134,7 +140,8 @@ class Config:
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         d = dict(d)
-        for key in ("betas", "crop_scale", "local_crop_scale", "lr_milestones"):  # JSON: lists
+        for key in ("betas", "crop_scale", "local_crop_scale", "lr_milestones",
+                    "vicreg_weights"):  # JSON: lists
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)

@@ -43,6 +43,8 @@ def sinkhorn_knopp(scores: torch.Tensor, temperature: float = 0.05,
         raise ValueError(f"sinkhorn_knopp: temperature must be > 0, got {temperature!r}")
     if not isinstance(n_iters, int) or n_iters < 1:
         raise ValueError(f"sinkhorn_knopp: n_iters must be an int >= 1, got {n_iters!r}")
+    if not scores.is_floating_point():
+        raise ValueError(f"sinkhorn_knopp: scores must be floating point, got {scores.dtype}")
     s = scores.double() if scores.dtype == torch.float64 else scores.float()
     # the global max cancels in the normalisations; it keeps exp() finite at small eps
     m = s.max().reshape(1)
@@ -59,6 +61,18 @@ def sinkhorn_knopp(scores: torch.Tensor, temperature: float = 0.05,
         q /= q.sum(dim=0, keepdim=True)  # columns: each sample 1/B (local sums suffice)
         q /= n_total
     return (q * n_total).T
+
+
+def sinkhorn_knopp_ref(scores: torch.Tensor, temperature: float = 0.05,
+                       n_iters: int = 3) -> torch.Tensor:
+    """The paper's Algorithm (one process, float64, no max shift): the test oracle."""
+    q = torch.exp(scores.double() / temperature).T  # (K, B)
+    k, b = q.shape
+    q = q / q.sum()
+    for _ in range(n_iters):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).T
 
 
 def swav_loss_ref(scores: torch.Tensor, codes: torch.Tensor, n_views: int,
@@ -89,8 +103,10 @@ def swav_loss(scores: torch.Tensor, codes: torch.Tensor, n_views: int,
     Returns:
         scalar loss (fp32).
     """
+    if not isinstance(scores, torch.Tensor) or not isinstance(codes, torch.Tensor):
+        raise ValueError("swav_loss: scores and codes must be tensors")
     if scores.ndim != 2 or not isinstance(n_views, int) or n_views < 2 \
-            or scores.shape[0] % n_views:
+            or scores.shape[0] % n_views or scores.shape[0] == 0:
         raise ValueError(f"swav_loss: scores must be (n_views * B, K) with n_views >= 2, got "
                          f"{tuple(scores.shape)} and n_views={n_views!r}")
     b, k = scores.shape[0] // n_views, scores.shape[1]

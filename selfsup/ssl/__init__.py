@@ -8,6 +8,7 @@ Never run a file of this folder as a script: that would put the folder on sys.pa
 the standard library's `ssl`.
 """
 
+from .barlowtwins import BarlowTwins
 from .byol import BYOL
 from .dino import DINO
 from .mae import MAE
@@ -15,6 +16,8 @@ from .moco import MoCo, MoCoV1
 from .mocov3 import MoCoV3
 from .simclr import SimCLR
 from .simsiam import SimSiam
+from .swav import SwAV
+from .vicreg import VICReg
 
 METHODS = {
     "mocov1": MoCoV1,
@@ -25,6 +28,10 @@ METHODS = {
     "simclr": SimCLR,
     "dino": DINO,
     "mae": MAE,
+    "barlowtwins": BarlowTwins,
+    "vicreg": VICReg,
+    "swav": SwAV,
 }
 
-__all__ = ["METHODS", "BYOL", "DINO", "MAE", "MoCo", "MoCoV1", "MoCoV3", "SimCLR", "SimSiam"]
+__all__ = ["METHODS", "BarlowTwins", "BYOL", "DINO", "MAE", "MoCo", "MoCoV1", "MoCoV3", "SimCLR",
+           "SimSiam", "SwAV", "VICReg"]

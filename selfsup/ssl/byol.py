@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from ..models.heads import MLP
-from .common import Method, build_encoder, collapse_stats, ema_update, frozen_copy, momentum_at
+from .common import (
+    Method,
+    build_encoder,
+    collapse_stats,
+    crop_pairs,
+    ema_update,
+    frozen_copy,
+    momentum_at,
+)
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -28,6 +36,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class BYOL(Method):
     recipe: ClassVar[str] = "byol"
     sync_bn: ClassVar[bool] = True
+    multicrop: ClassVar[bool] = True  # an option (--local-crops), not the paper's
 
     def __init__(self, cfg) -> None:
         super().__init__()
@@ -44,13 +53,17 @@ class BYOL(Method):
                     proj_dim=256, pred_hidden=4096, warmup_epochs=10, epochs=300)
 
     def forward(self, views: list[torch.Tensor]) -> dict:
-        z1 = self.projector(self.backbone(views[0]))
-        z2 = self.projector(self.backbone(views[1]))
+        # multi-crop (--local-crops): every view predicts each global view's target but its
+        # own; the sum rescaled to two terms (two views: exactly the loss above)
+        z = [self.projector(self.backbone(v)) for v in views]
         with torch.no_grad():
-            t1 = self.t_projector(self.t_backbone(views[0]))
-            t2 = self.t_projector(self.t_backbone(views[1]))
-        loss = byol_loss(self.predictor(z1), t2) + byol_loss(self.predictor(z2), t1)
-        return {"loss": loss, "momentum": self.momentum, **collapse_stats(z1)}
+            t = [self.t_projector(self.t_backbone(v)) for v in views[:2]]
+        p = [self.predictor(zv) for zv in z]
+        pairs = crop_pairs(len(views), symmetric=False)
+        loss = sum(byol_loss(p[v], t[g]) for g, v in sorted(pairs, key=lambda gv: gv[1]))
+        if len(pairs) > 2:
+            loss = loss * (2 / len(pairs))
+        return {"loss": loss, "momentum": self.momentum, **collapse_stats(z[0])}
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:

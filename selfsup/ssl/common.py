@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from itertools import groupby
 from typing import ClassVar
 
 import torch
@@ -22,6 +23,10 @@ from ..models.vit import DropPath
 class Method(nn.Module):
     recipe: ClassVar[str] = "mocov2"
     sync_bn: ClassVar[bool] = False  # convert BN to SyncBatchNorm under DDP (heads with BN)
+    # multi-crop: forward() takes 2 global + any number of local views (--local-crops);
+    # "paper": the paper uses them, their number defaults to --n-local (DINO, SwAV)
+    multicrop: ClassVar[bool | str] = False
+    scale_key: ClassVar[str] = "scale"  # the recipe keyword --crop-scale sets
 
     @classmethod
     def preset(cls, arch: str | None) -> dict:
@@ -30,8 +35,9 @@ class Method(nn.Module):
 
     @classmethod
     def recipe_kwargs(cls, cfg) -> dict:
-        """Extra build_loader arguments: --crop-scale (DINO adds its number of local crops)."""
-        return crop_scale_kwargs(cfg, "scale")
+        """Extra build_loader arguments: --crop-scale, and the multi-crop flags --local-crops /
+        --n-local / --local-crop-scale for a method whose forward takes local views."""
+        return {**crop_scale_kwargs(cfg, cls.scale_key), **multicrop_kwargs(cfg, cls)}
 
     def param_groups(self, cfg) -> list[dict]:
         return split_decay(self.named_parameters(), decay_all=bool(cfg.decay_all))
@@ -62,6 +68,56 @@ def crop_scale_kwargs(cfg, name: str, field: str = "crop_scale") -> dict:
         raise ValueError(f"{flag} must be two area fractions 0 < MIN <= MAX <= 1, "
                          f"got {lo} {hi}")
     return {name: (float(lo), float(hi))}
+
+
+def multicrop_kwargs(cfg, cls) -> dict:
+    """{n_local, local_scale} for the recipe's multi-crop (selfsup.data.recipes
+    .with_local_crops), or {} for the recipe's default.
+
+    --local-crops N asks any method that takes local views (cls.multicrop) for N of them; a
+    method whose paper uses multi-crop (cls.multicrop == "paper": DINO, SwAV) defaults to its
+    --n-local (preset 8 / 6); the others default to none, and ignore --n-local as they always
+    have. A method that cannot take local views refuses --local-crops."""
+    n_local = cfg.local_crops
+    if not cls.multicrop:
+        if n_local:
+            raise ValueError(f"--local-crops: --method {cfg.method} takes no local views "
+                             f"(multi-crop: {', '.join(multicrop_methods())})")
+        return {}
+    if n_local is None and cls.multicrop == "paper":
+        n_local = cfg.n_local
+    if n_local is not None and (not isinstance(n_local, int) or n_local < 0):
+        raise ValueError(f"--local-crops must be an int >= 0, got {n_local!r}")
+    out = {} if n_local is None else {"n_local": n_local}
+    return {**out, **crop_scale_kwargs(cfg, "local_scale", "local_crop_scale")}
+
+
+def multicrop_methods() -> list[str]:
+    from . import METHODS  # the registry imports this module
+
+    return [name for name, cls in METHODS.items() if cls.multicrop]
+
+
+def crop_pairs(n_views: int, *, symmetric: bool) -> list[tuple[int, int]]:
+    """The multi-crop loss terms (g, v): global view g (0 or 1) as the target of view v.
+
+    symmetric=False (a target and a prediction: BYOL, SimSiam, SwAV, DINO): every v != g,
+    2 (V - 1) terms. symmetric=True (a loss of two embeddings: SimCLR, Barlow Twins, VICReg):
+    each unordered pair once, (0, 1) then each local against both globals, 2 V - 3 terms.
+    Two views give [(0, 1), (1, 0)] and [(0, 1)]: the two-view losses unchanged."""
+    if n_views < 2:
+        raise ValueError(f"multi-crop needs the 2 global views, got {n_views} view(s)")
+    if symmetric:
+        return [(g, v) for g in (0, 1) for v in range(g + 1, n_views)]
+    return [(g, v) for g in (0, 1) for v in range(n_views) if v != g]
+
+
+def multicrop_forward(backbone, head, views: list[torch.Tensor]) -> torch.Tensor:
+    """Run consecutive same-size views as one batch; (V*B, K) in view-major order (DINO's and
+    SwAV's official multi-crop forward: the 2 globals share one batch, the locals another)."""
+    out = [head(backbone(torch.cat(list(group))))
+           for _, group in groupby(views, key=lambda v: tuple(v.shape[-2:]))]
+    return torch.cat(out)
 
 
 def recipe_is_default(cfg, cls) -> bool:

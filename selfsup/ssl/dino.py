@@ -20,7 +20,6 @@ logged.
 from __future__ import annotations
 
 import math
-from itertools import groupby
 from typing import ClassVar
 
 import torch
@@ -30,25 +29,20 @@ from ..models.heads import DINOHead
 from .common import (
     Method,
     build_encoder,
-    crop_scale_kwargs,
     ema_update,
     frozen_copy,
     is_vit,
     momentum_at,
+    multicrop_forward,
     split_decay,
 )
-
-
-def multicrop_forward(backbone, head, views: list[torch.Tensor]) -> torch.Tensor:
-    """Run consecutive same-size views as one batch; (V*B, K) in view-major order."""
-    out = [head(backbone(torch.cat(list(group))))
-           for _, group in groupby(views, key=lambda v: tuple(v.shape[-2:]))]
-    return torch.cat(out)
 
 
 class DINO(Method):
     recipe: ClassVar[str] = "dino"
     sync_bn: ClassVar[bool] = True  # official DINO converts ResNet student and teacher
+    multicrop: ClassVar[str] = "paper"  # 2 global + n_local views (common.multicrop_kwargs)
+    scale_key: ClassVar[str] = "global_scale"  # --crop-scale sets the global crops'
 
     def __init__(self, cfg) -> None:
         super().__init__()
@@ -87,11 +81,6 @@ class DINO(Method):
                     warmup_teacher_temp_epochs=30, ema_momentum=0.996, out_dim=65536,
                     proj_hidden=2048, proj_dim=256, n_local=8, freeze_last_layer_epochs=1,
                     center_momentum=0.9, norm_last_layer=True, **vit)
-
-    @classmethod
-    def recipe_kwargs(cls, cfg) -> dict:
-        return {"n_local": cfg.n_local, **crop_scale_kwargs(cfg, "global_scale"),
-                **crop_scale_kwargs(cfg, "local_scale", "local_crop_scale")}
 
     def forward(self, views: list[torch.Tensor]) -> dict:
         s = multicrop_forward(self.backbone, self.head, views)

@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from .. import dist
 from ..kernels import nt_xent
 from ..models.heads import MLP
-from .common import Method, build_encoder, collapse_stats, crop_scale_kwargs
+from .common import (
+    Method,
+    build_encoder,
+    collapse_stats,
+    crop_pairs,
+    crop_scale_kwargs,
+    multicrop_kwargs,
+)
 
 
 def local_nt_xent(a1: torch.Tensor, a2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
@@ -52,6 +59,7 @@ def local_nt_xent(a1: torch.Tensor, a2: torch.Tensor, k1: torch.Tensor, k2: torc
 class SimCLR(Method):
     recipe: ClassVar[str] = "simclr"
     sync_bn: ClassVar[bool] = True
+    multicrop: ClassVar[bool] = True  # an option (--local-crops), not the paper's
 
     def __init__(self, cfg) -> None:
         super().__init__()
@@ -68,11 +76,19 @@ class SimCLR(Method):
     @classmethod
     def recipe_kwargs(cls, cfg) -> dict:
         strength = {} if cfg.jitter_strength is None else {"strength": cfg.jitter_strength}
-        return {**crop_scale_kwargs(cfg, "scale"), **strength}
+        return {**crop_scale_kwargs(cfg, "scale"), **strength, **multicrop_kwargs(cfg, cls)}
 
     def forward(self, views: list[torch.Tensor]) -> dict:
-        z1 = self.projector(self.backbone(views[0]))
-        z2 = self.projector(self.backbone(views[1]))
+        # multi-crop (--local-crops): NT-Xent of each pair of common.crop_pairs(symmetric),
+        # averaged (two views: the one pair)
+        z = [self.projector(self.backbone(v)) for v in views]
+        pairs = crop_pairs(len(z), symmetric=True)
+        loss = sum(self._pair_loss(z[g], z[v]) for g, v in pairs)
+        if len(pairs) > 1:
+            loss = loss / len(pairs)
+        return {"loss": loss, **collapse_stats(z[0])}
+
+    def _pair_loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         if dist.is_dist():
             a1, a2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
             loss = local_nt_xent(a1, a2, dist.all_gather_with_grad(a1),
@@ -80,4 +96,4 @@ class SimCLR(Method):
                                  self.temperature)
         else:
             loss = nt_xent(z1, z2, self.temperature)
-        return {"loss": loss, **collapse_stats(z1)}
+        return loss

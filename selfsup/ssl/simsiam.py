@@ -18,12 +18,21 @@ from typing import ClassVar
 import torch
 
 from ..models.heads import MLP
-from .common import Method, build_encoder, collapse_stats, cosine_loss, is_vit, split_decay
+from .common import (
+    Method,
+    build_encoder,
+    collapse_stats,
+    cosine_loss,
+    crop_pairs,
+    is_vit,
+    split_decay,
+)
 
 
 class SimSiam(Method):
     recipe: ClassVar[str] = "mocov2"
     sync_bn: ClassVar[bool] = True
+    multicrop: ClassVar[bool] = True  # an option (--local-crops), not the paper's
 
     def __init__(self, cfg) -> None:
         super().__init__()
@@ -40,11 +49,13 @@ class SimSiam(Method):
                     zero_init_residual=not is_vit(arch))
 
     def forward(self, views: list[torch.Tensor]) -> dict:
-        z1 = self.projector(self.backbone(views[0]))
-        z2 = self.projector(self.backbone(views[1]))
-        p1, p2 = self.predictor(z1), self.predictor(z2)
-        loss = cosine_loss(p1, z2) / 2 + cosine_loss(p2, z1) / 2
-        return {"loss": loss, **collapse_stats(z1)}
+        # multi-crop (--local-crops): every view predicts each global view's z but its own,
+        # averaged (two views: exactly the loss above)
+        z = [self.projector(self.backbone(v)) for v in views]
+        p = [self.predictor(zv) for zv in z]
+        pairs = sorted(crop_pairs(len(views), symmetric=False), key=lambda gv: gv[1])
+        loss = sum(cosine_loss(p[v], z[g]) / len(pairs) for g, v in pairs)
+        return {"loss": loss, **collapse_stats(z[0])}
 
     def param_groups(self, cfg) -> list[dict]:
         enc = [(n, p) for n, p in self.named_parameters() if not n.startswith("predictor.")]
