@@ -20,9 +20,12 @@ from .._triton import tl, triton
 from .._utils import next_power_of_2
 
 TOKEN_WARPS, TOKEN_STAGES = 4, 2
-BLOCK_L, BLOCK_D = 32, 128  # gather: 32 patches x 128 channels per tile (4096 elements)
-SCATTER_BLOCK_R = 8  # scatter forward: rows per program
-GROUP_ROWS, GROUP_TILE = 64, 16  # scatter backward: rows per program, rows per step
+# gather: 32 patches x 64 channels per tile, 8 elements a thread (8 warps): ~60 registers,
+# so several CTAs per SM keep enough loads in flight for a copy kernel
+GATHER_WARPS, BLOCK_L, BLOCK_D = 8, 32, 64
+SCATTER_BLOCK_R, SCATTER_BLOCK_D = 8, 128  # scatter forward: rows per program, columns
+# scatter backward: rows per program, rows per step (16 x 128 tiles, 8 elements a thread)
+SCATTER_BWD_WARPS, GROUP_ROWS, GROUP_TILE = 8, 64, 16
 LOSS_STAGES = 2
 # (pred dtype, gradient buffer dtype): fp16/bf16 gradients are written in fp32 so that the
 # upstream gradient (GradScaler's 65536) multiplies before the one rounding (issue 22.1)
@@ -35,7 +38,7 @@ LOSS_PATCHES = ((16, 3), (14, 3), (4, 3))
 TOKEN_DTYPES = (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"))
 
 
-def _token_cfgs(constexprs, variants=((),)):
+def _token_cfgs(constexprs, variants=((),), warps=TOKEN_WARPS):
     """One config per activation dtype x variant (a dict of extra constexprs); the default is
     bf16 autocast with the first variant (what MAE training on a GPU launches)."""
     out = []
@@ -45,7 +48,7 @@ def _token_cfgs(constexprs, variants=((),)):
             tag = " ".join(f"{k}={int(v)}" for k, v in extra.items())
             out.append(KernelConfig(f"{xt} x -> {ot} {tag}".strip(), {**constexprs, **extra},
                                     types={"xt": xt, "pt": "fp32", "ot": ot},
-                                    num_warps=TOKEN_WARPS, num_stages=TOKEN_STAGES,
+                                    num_warps=warps, num_stages=TOKEN_STAGES,
                                     default=xt == "bf16" and i == 0))
     return out
 
@@ -74,24 +77,23 @@ def _gather_tokens_fwd_kernel(
     lm = lo < L
     j = tl.load(inv_ptr + b * L + lo, mask=lm, other=-1)
     keep = lm & (j >= 0)
-    l64 = lo.to(tl.int64)
+    # 64-bit image bases, 32-bit offsets inside an image (its L*D elements are < 2^31): half
+    # the registers of per-element 64-bit index math
+    x_img = x_ptr + b * stride_xb
+    o_img = out_ptr + b * stride_ob
     cols = tl.arange(0, BLOCK_D)
-    if X_DL:
-        x_rows = x_ptr + b * stride_xb + l64[:, None]
-    else:
-        x_rows = x_ptr + b * stride_xb + l64[:, None] * stride_x
-    p_rows = pos_ptr + l64[:, None] * stride_pl
-    o_rows = out_ptr + b * stride_ob + j.to(tl.int64)[:, None] * stride_ol
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         m = keep[:, None] & (c < D)[None, :]
         if X_DL:
-            v = tl.load(x_rows + c[None, :].to(tl.int64) * stride_x, mask=m, other=0).to(ACC)
+            v = tl.load(x_img + (lo[:, None] + c[None, :] * stride_x), mask=m, other=0)
         else:
-            v = tl.load(x_rows + c[None, :], mask=m, other=0).to(ACC)
+            v = tl.load(x_img + (lo[:, None] * stride_x + c[None, :]), mask=m, other=0)
+        v = v.to(ACC)
         if HAS_POS:
-            v += tl.load(p_rows + c[None, :], mask=m, other=0).to(ACC)
-        tl.store(o_rows + c[None, :], v, mask=m)  # cast to out's dtype on store
+            v += tl.load(pos_ptr + (lo[:, None] * stride_pl + c[None, :]), mask=m,
+                         other=0).to(ACC)
+        tl.store(o_img + (j[:, None] * stride_ol + c[None, :]), v, mask=m)  # cast on store
 
 
 _GATHER_CONSTS = {"HAS_POS": True, "BLOCK_L": BLOCK_L, "BLOCK_D": BLOCK_D}
@@ -103,7 +105,7 @@ register_kernel(
                "stride_pl": "i32", "stride_ob": "i32", "stride_ol": "i32",
                "HAS_POS": "constexpr", "X_DL": "constexpr", "BLOCK_L": "constexpr",
                "BLOCK_D": "constexpr"},
-    configs=_token_cfgs(_GATHER_CONSTS, _LAYOUTS),
+    configs=_token_cfgs(_GATHER_CONSTS, _LAYOUTS, GATHER_WARPS),
 )
 
 
@@ -129,25 +131,21 @@ def _gather_tokens_bwd_kernel(
     lm = lo < L
     j = tl.load(inv_ptr + b * L + lo, mask=lm, other=-1)
     keep = lm & (j >= 0)
-    l64 = lo.to(tl.int64)
+    g_img = g_ptr + b * stride_gb  # 64-bit bases, 32-bit offsets inside an image
+    dx_img = dx_ptr + b * stride_dxb
     cols = tl.arange(0, BLOCK_D)
-    g_rows = g_ptr + b * stride_gb + j.to(tl.int64)[:, None] * stride_gl
-    if X_DL:
-        dx_rows = dx_ptr + b * stride_dxb + l64[:, None]
-    else:
-        dx_rows = dx_ptr + b * stride_dxb + l64[:, None] * stride_dx
-    dp_rows = dpos_ptr + l64[:, None] * stride_dpl
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         cm = (c < D)[None, :]
         m = keep[:, None] & cm
-        g = tl.load(g_rows + c[None, :], mask=m, other=0).to(ACC)
+        g = tl.load(g_img + (j[:, None] * stride_gl + c[None, :]), mask=m, other=0).to(ACC)
         if X_DL:
-            tl.store(dx_rows + c[None, :].to(tl.int64) * stride_dx, g, mask=lm[:, None] & cm)
+            tl.store(dx_img + (lo[:, None] + c[None, :] * stride_dx), g, mask=lm[:, None] & cm)
         else:
-            tl.store(dx_rows + c[None, :], g, mask=lm[:, None] & cm)
+            tl.store(dx_img + (lo[:, None] * stride_dx + c[None, :]), g, mask=lm[:, None] & cm)
         if POS_ATOMIC:
-            tl.atomic_add(dp_rows + c[None, :], g, mask=m, sem="relaxed")
+            tl.atomic_add(dpos_ptr + (lo[:, None] * stride_dpl + c[None, :]), g, mask=m,
+                          sem="relaxed")
 
 
 register_kernel(
@@ -159,7 +157,8 @@ register_kernel(
                "POS_ATOMIC": "constexpr", "X_DL": "constexpr", "BLOCK_L": "constexpr",
                "BLOCK_D": "constexpr"},
     configs=_token_cfgs({"BLOCK_L": BLOCK_L, "BLOCK_D": BLOCK_D},
-                        [{**lay, "POS_ATOMIC": pa} for lay in _LAYOUTS for pa in (False, True)]),
+                        [{**lay, "POS_ATOMIC": pa} for lay in _LAYOUTS for pa in (False, True)],
+                        GATHER_WARPS),
 )
 
 
@@ -184,23 +183,24 @@ def _scatter_tokens_fwd_kernel(
     rmask = rows < T
     body = rows >= N_PREFIX
     k = tl.load(ids_ptr + b * stride_ib + (rows - N_PREFIX), mask=rmask & body, other=0)
-    k = k.to(tl.int64)
+    k = k.to(tl.int32)  # < L: the 32-bit offsets inside an image below
     vis = rmask & ((~body) | ((k >= 0) & (k < L_KEEP)))
-    src = tl.where(body, N_PREFIX + k, rows.to(tl.int64))  # row of x_vis
+    src = tl.where(body, N_PREFIX + k, rows)  # row of x_vis
+    x_img = x_ptr + b * stride_xb  # 64-bit image bases
+    o_img = out_ptr + b * stride_ob
     cols = tl.arange(0, BLOCK_D)
-    x_rows = x_ptr + b * stride_xb + src[:, None] * stride_xl
-    p_rows = pos_ptr + rows[:, None].to(tl.int64) * stride_pl
-    o_rows = out_ptr + b * stride_ob + rows[:, None].to(tl.int64) * stride_ol
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         cm = c < D
         m = rmask[:, None] & cm[None, :]
-        v = tl.load(x_rows + c[None, :], mask=vis[:, None] & cm[None, :], other=0).to(ACC)
+        v = tl.load(x_img + (src[:, None] * stride_xl + c[None, :]),
+                    mask=vis[:, None] & cm[None, :], other=0).to(ACC)
         t = tl.load(tok_ptr + c, mask=cm, other=0).to(ACC)
         v = tl.where(vis[:, None], v, t[None, :])
         if HAS_POS:
-            v += tl.load(p_rows + c[None, :], mask=m, other=0).to(ACC)
-        tl.store(o_rows + c[None, :], v, mask=m)
+            v += tl.load(pos_ptr + (rows[:, None] * stride_pl + c[None, :]), mask=m,
+                         other=0).to(ACC)
+        tl.store(o_img + (rows[:, None] * stride_ol + c[None, :]), v, mask=m)
 
 
 register_kernel(
@@ -210,7 +210,7 @@ register_kernel(
                "stride_xb": "i32", "stride_xl": "i32", "stride_ib": "i32", "stride_pl": "i32",
                "stride_ob": "i32", "stride_ol": "i32", "HAS_POS": "constexpr",
                "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-    configs=_token_cfgs({"BLOCK_R": SCATTER_BLOCK_R, "BLOCK_D": BLOCK_D},
+    configs=_token_cfgs({"BLOCK_R": SCATTER_BLOCK_R, "BLOCK_D": SCATTER_BLOCK_D},
                         ({"HAS_POS": True}, {"HAS_POS": False})),
 )
 
@@ -240,23 +240,25 @@ def _scatter_tokens_bwd_kernel(
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cm = c < D
     acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    g_img = g_ptr + b * stride_gb
+    dx_img = dx_ptr + b * stride_dxb
     for r0 in range(0, GROUP_ROWS, BLOCK_R):
         rows = grp * GROUP_ROWS + r0 + tl.arange(0, BLOCK_R)
         rmask = rows < T
         body = rows >= N_PREFIX
         k = tl.load(ids_ptr + b * stride_ib + (rows - N_PREFIX), mask=rmask & body, other=0)
-        k = k.to(tl.int64)
+        k = k.to(tl.int32)  # 32-bit offsets inside an image, 64-bit image bases
         vis = rmask & ((~body) | ((k >= 0) & (k < L_KEEP)))
-        src = tl.where(body, N_PREFIX + k, rows.to(tl.int64))
-        r64 = rows.to(tl.int64)[:, None]
+        src = tl.where(body, N_PREFIX + k, rows)
         m = rmask[:, None] & cm[None, :]
-        g = tl.load(g_ptr + b * stride_gb + r64 * stride_gl + c[None, :], mask=m,
-                    other=0).to(ACC)
-        tl.store(dx_ptr + b * stride_dxb + src[:, None] * stride_dxl + c[None, :], g,
+        g = tl.load(g_img + (rows[:, None] * stride_gl + c[None, :]), mask=m, other=0)
+        g = g.to(ACC)
+        tl.store(dx_img + (src[:, None] * stride_dxl + c[None, :]), g,
                  mask=vis[:, None] & cm[None, :])
         acc += tl.sum(tl.where((rmask & ~vis)[:, None], g, 0.0), axis=0)
         if POS_ATOMIC:
-            tl.atomic_add(dpos_ptr + r64 * stride_dpl + c[None, :], g, mask=m, sem="relaxed")
+            tl.atomic_add(dpos_ptr + (rows[:, None] * stride_dpl + c[None, :]), g, mask=m,
+                          sem="relaxed")
     row = b * tl.num_programs(0) + grp
     tl.store(part_ptr + row * D + c, acc, mask=cm)
 
@@ -268,8 +270,9 @@ register_kernel(
                "stride_gb": "i32", "stride_gl": "i32", "stride_ib": "i32", "stride_dxb": "i32",
                "stride_dxl": "i32", "stride_dpl": "i32", "POS_ATOMIC": "constexpr",
                "GROUP_ROWS": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-    configs=_token_cfgs({"GROUP_ROWS": GROUP_ROWS, "BLOCK_R": GROUP_TILE, "BLOCK_D": BLOCK_D},
-                        ({"POS_ATOMIC": False}, {"POS_ATOMIC": True})),
+    configs=_token_cfgs({"GROUP_ROWS": GROUP_ROWS, "BLOCK_R": GROUP_TILE,
+                         "BLOCK_D": SCATTER_BLOCK_D},
+                        ({"POS_ATOMIC": False}, {"POS_ATOMIC": True}), SCATTER_BWD_WARPS),
 )
 
 

@@ -14,10 +14,13 @@ from ._checks import _acc_dtype, _rowmajor, grad_buffer_dtype
 from ._kernels import (
     BLOCK_D,
     BLOCK_L,
+    GATHER_WARPS,
     GROUP_ROWS,
     GROUP_TILE,
     LOSS_STAGES,
+    SCATTER_BLOCK_D,
     SCATTER_BLOCK_R,
+    SCATTER_BWD_WARPS,
     TOKEN_STAGES,
     TOKEN_WARPS,
     _gather_tokens_bwd_kernel,
@@ -83,7 +86,7 @@ def gather_tokens_fwd(x, ids_keep, pos_embed):
             x, inv, pos, out, length, d, x.stride(0), _dl_stride(x, x_dl),
             pos.stride(0) if pos_embed is not None else 0, out.stride(0), out.stride(1),
             HAS_POS=pos_embed is not None, X_DL=x_dl, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
-            num_warps=TOKEN_WARPS, num_stages=TOKEN_STAGES)
+            num_warps=GATHER_WARPS, num_stages=TOKEN_STAGES)
     return out
 
 
@@ -106,7 +109,7 @@ def gather_tokens_bwd(g, ids_keep, x_shape, x_dtype, pos_dtype, need_pos, determ
             _gather_tokens_bwd_kernel[(cdiv(length, BLOCK_L), b)](
                 g, inv, dx, dpos if atomic else g, length, d, g.stride(0), g.stride(1),
                 dx.stride(0), _dl_stride(dx, x_dl), d, POS_ATOMIC=atomic, X_DL=x_dl,
-                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=TOKEN_WARPS,
+                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=GATHER_WARPS,
                 num_stages=TOKEN_STAGES)
     if scratch:
         dpos = dx.sum(0)
@@ -133,7 +136,7 @@ def scatter_tokens_fwd(x_vis, ids_restore, mask_token, pos_embed, n_prefix):
             x, ids, tok, pos, out, t, s - n_prefix, n_prefix, d, x.stride(0), x.stride(1),
             ids.stride(0), pos.stride(0) if pos_embed is not None else 0, out.stride(0),
             out.stride(1), HAS_POS=pos_embed is not None, BLOCK_R=SCATTER_BLOCK_R,
-            BLOCK_D=BLOCK_D, num_warps=TOKEN_WARPS, num_stages=TOKEN_STAGES)
+            BLOCK_D=SCATTER_BLOCK_D, num_warps=TOKEN_WARPS, num_stages=TOKEN_STAGES)
     return out
 
 
@@ -143,7 +146,7 @@ def scatter_tokens_bwd(g, ids_restore, x_shape, x_dtype, n_prefix, need_pos, det
     t = g.shape[1]
     acc = _acc_dtype(g.dtype, x_dtype)
     g, ids = _rowmajor(g), ids_restore.contiguous()
-    grid = (cdiv(t, GROUP_ROWS), cdiv(d, BLOCK_D), b)
+    grid = (cdiv(t, GROUP_ROWS), cdiv(d, SCATTER_BLOCK_D), b)
     dx = torch.empty(x_shape, device=g.device, dtype=x_dtype)  # every row written once
     part = torch.empty(grid[0] * b, d, device=g.device, dtype=acc)
     atomic = need_pos and not deterministic
@@ -154,7 +157,7 @@ def scatter_tokens_bwd(g, ids_restore, x_shape, x_dtype, n_prefix, need_pos, det
                 g, ids, dx, part, dpos if atomic else part, t, s - n_prefix, n_prefix, d,
                 g.stride(0), g.stride(1), ids.stride(0), dx.stride(0), dx.stride(1), d,
                 POS_ATOMIC=atomic, GROUP_ROWS=GROUP_ROWS, BLOCK_R=GROUP_TILE,
-                BLOCK_D=BLOCK_D, num_warps=TOKEN_WARPS, num_stages=TOKEN_STAGES)
+                BLOCK_D=SCATTER_BLOCK_D, num_warps=SCATTER_BWD_WARPS, num_stages=TOKEN_STAGES)
     else:
         part.zero_()
     if need_pos and deterministic:
