@@ -13,6 +13,7 @@ Works without CUDA and without triton installed.
 from ._registry import REGISTRY, KernelConfig, register_kernel
 from ._triton import HAS_TRITON
 from ._utils import BACKENDS, choose_backend
+from .barlow_twins import barlow_twins_loss, barlow_twins_loss_ref
 from .dino_loss import DINOLoss, dino_loss, dino_loss_ref, teacher_temp_schedule
 from .info_nce import (
     MoCoQueue,
@@ -34,6 +35,7 @@ from .mae import (
     scatter_tokens_ref,
     unpatchify,
 )
+from .vicreg import vicreg_loss, vicreg_loss_ref
 
 __all__ = [
     "BACKENDS",
@@ -50,6 +52,11 @@ __all__ = [
     "info_nce_queue_ref",
     "nt_xent",
     "nt_xent_ref",
+    # Barlow Twins, VICReg
+    "barlow_twins_loss",
+    "barlow_twins_loss_ref",
+    "vicreg_loss",
+    "vicreg_loss_ref",
     # DINO
     "DINOLoss",
     "dino_loss",
