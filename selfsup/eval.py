@@ -117,7 +117,10 @@ class _Counted:
 # ----------------------------------------------------------------------------- partial tuning
 def pool(encoder: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """(B, 1+L, D) normed tokens -> (B, D), as the ViT's own forward pools them: the mean of
-    the patch tokens for global_pool "avg" (MAE), else the cls token."""
+    the patch tokens for global_pool "avg" (MAE), else the cls token. Register tokens
+    (DINOv2) are never pooled."""
+    if getattr(encoder, "num_registers", 0):
+        tokens = encoder.drop_registers(tokens)
     return tokens[:, 1:].mean(1) if getattr(encoder, "global_pool", "token") == "avg" \
         else tokens[:, 0]
 

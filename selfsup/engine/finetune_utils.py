@@ -114,7 +114,9 @@ class Classifier(nn.Module):
                 return enc(x)
         if self.pool == "resnet":
             return enc(x)
-        h = enc._run_blocks(enc._embed(x), enc.blocks)  # (B, 1+L, D), before the final norm
+        h = enc._run_blocks(enc._embed(x), enc.blocks)  # (B, 1+R+L, D), before the final norm
+        if getattr(enc, "num_registers", 0):  # registers are never pooled
+            h = enc.drop_registers(h)
         if self.pool == "avg":
             return self.fc_norm(h[:, 1:].mean(1))
         return enc.norm(h)[:, 0]
@@ -126,7 +128,8 @@ class Classifier(nn.Module):
 # ----------------------------------------------------------------------------- parameter groups
 def layer_id(name: str, depth: int) -> int:
     """BEiT's layer index of a Classifier parameter name (see the module docstring)."""
-    if name.startswith(("encoder.cls_token", "encoder.pos_embed", "encoder.patch_embed")):
+    if name.startswith(("encoder.cls_token", "encoder.reg_token", "encoder.pos_embed",
+                        "encoder.patch_embed")):
         return 0
     if name.startswith("encoder.blocks."):
         return int(name.split(".")[2]) + 1
@@ -136,7 +139,7 @@ def layer_id(name: str, depth: int) -> int:
 def no_weight_decay(name: str, p: nn.Parameter) -> bool:
     """Biases, norm gains and the token / position embeddings are not decayed (BEiT, MAE)."""
     return p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in (
-        "cls_token", "pos_embed")
+        "cls_token", "reg_token", "pos_embed")
 
 
 def param_groups(model: Classifier, layer_decay: float) -> list[dict]:

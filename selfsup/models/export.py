@@ -32,12 +32,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def timm_vit_keys(depth: int) -> list[str]:
-    """The state_dict keys of a head-less timm VisionTransformer (class token, no registers)."""
+def timm_vit_keys(depth: int, *, registers: int = 0, layer_scale: bool = False) -> list[str]:
+    """The state_dict keys of a head-less timm VisionTransformer (class token; `reg_token`
+    with registers, `blocks.N.ls{1,2}.gamma` with LayerScale)."""
     keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    if registers:
+        keys.insert(1, "reg_token")
     for i in range(depth):
         for sub in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
             keys += [f"blocks.{i}.{sub}.weight", f"blocks.{i}.{sub}.bias"]
+        if layer_scale:
+            keys += [f"blocks.{i}.ls1.gamma", f"blocks.{i}.ls2.gamma"]
     return keys + ["norm.weight", "norm.bias"]
 
 
@@ -47,7 +52,8 @@ def export_timm_state_dict(vit: nn.Module) -> dict[str, torch.Tensor]:
     if not isinstance(vit, VisionTransformer):
         raise ValueError(f"vit must be a selfsup VisionTransformer, got {type(vit).__name__}")
     sd = vit.state_dict()
-    expected = timm_vit_keys(len(vit.blocks))
+    expected = timm_vit_keys(len(vit.blocks), registers=vit.num_registers,
+                             layer_scale=vit.layer_scale is not None)
     if set(sd) != set(expected):  # a model change that would silently break timm loading
         extra, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
         raise RuntimeError(f"ViT state_dict drifted from timm's names: extra {extra[:5]}, "

@@ -13,6 +13,20 @@ Position embeddings: fixed 2D sin-cos (MAE, MoCo v3), kept as a buffer so it is 
 state_dict, or learned (DINO). An image whose patch grid differs from the built one (DINO's
 local crops) gets the sin-cos table recomputed exactly for its grid, or the learned table
 resized bicubically (cls row kept).
+
+DINOv2 options. Token layout inside the blocks, R = `registers` (Darcet et al. 2023):
+
+    [cls | reg_0 .. reg_{R-1} | patch_0 .. patch_{L-1}]     (B, 1 + R + L, D)
+
+pos_embed stays (1, 1 + L, D): the cls row and the patch rows; registers carry no position
+(they are position-free scratch tokens). Registers are dropped again after the final norm, so
+forward_features / get_last_selfattention hand every consumer (MAE's decoder, DINO's cls, the
+probe pooling, the attention pictures) the register-free [cls | patches] layout it had
+before; `keep_registers=True` asks for them. `layer_scale=v` (CaiT, Touvron et al. 2021)
+multiplies each residual branch by a learned per-channel gamma initialised to v before it is
+added: x += ls1(attn(norm1(x))); x += ls2(mlp(norm2(x))). timm/DINOv2 names: `reg_token`
+(1, R, D), `blocks.N.ls1.gamma`, `blocks.N.ls2.gamma`; with the defaults (0, None) neither
+exists and the model is today's, bit for bit.
 """
 
 from __future__ import annotations
@@ -45,9 +59,16 @@ ARCHS: dict[str, ViTConfig] = {
     "vit_base": ViTConfig(16, 768, 12, 12),  # 85.8M
     "vit_large": ViTConfig(16, 1024, 24, 16),  # 303.3M
     "vit_huge": ViTConfig(14, 1280, 32, 16),  # 630.8M (MAE's ViT-H/14)
+    # DINOv2's patch-14 family (Oquab et al. 2023, Table 17). ViT-g here has a plain GELU MLP
+    # of ratio 4; DINOv2's released g uses SwiGLU, whose weights therefore do not load.
+    "vit_small14": ViTConfig(14, 384, 12, 6),
+    "vit_base14": ViTConfig(14, 768, 12, 12),
+    "vit_large14": ViTConfig(14, 1024, 24, 16),
+    "vit_giant14": ViTConfig(14, 1536, 40, 24),
 }
 ALIASES = {"vit_t": "vit_tiny", "vit_s": "vit_small", "vit_b": "vit_base", "vit_l": "vit_large",
-           "vit_h": "vit_huge"}
+           "vit_h": "vit_huge", "vit_s14": "vit_small14", "vit_b14": "vit_base14",
+           "vit_l14": "vit_large14", "vit_g14": "vit_giant14"}
 POS_EMBEDS = ("sincos", "learned")
 INITS = ("xavier", "trunc_normal")
 
@@ -145,21 +166,38 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)  # rescaled so the expectation is unchanged
 
 
+class LayerScale(nn.Module):
+    """x * gamma, a learned per-channel scale of a residual branch (CaiT). Starting it small
+    makes each block near-identity at init, which is what lets deep ViTs train stably."""
+
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.init_value = init_value
+        self.gamma = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
     """Pre-norm transformer block. The class name is what FSDP wrapping looks for."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *,
-                 qkv_bias: bool = True, drop_path: float = 0.0, attn: str | None = None) -> None:
+                 qkv_bias: bool = True, drop_path: float = 0.0, attn: str | None = None,
+                 layer_scale: float | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias, attn)
+        # Identity when off: no extra keys, no extra op, so the default block is unchanged
+        self.ls1 = nn.Identity() if layer_scale is None else LayerScale(dim, layer_scale)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = nn.Identity() if layer_scale is None else LayerScale(dim, layer_scale)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
 def init_transformer_(module: nn.Module) -> None:
@@ -204,14 +242,23 @@ class VisionTransformer(nn.Module):
         init: "xavier" (MAE / MoCo v3: xavier-uniform linears, the packed qkv as three maps,
             the patch projection as a linear map) or "trunc_normal" (DINO: linears
             trunc-normal std 0.02, the patch projection keeps torch's Conv2d default).
+        registers: R register tokens after the cls token (module doc: token layout).
+        layer_scale: LayerScale init value on both residual branches, or None (off).
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16,
                  in_chans: int = 3, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, *, qkv_bias: bool = True, pos_embed: str = "sincos",
                  frozen_patch_embed: bool = False, attn: str | None = None,
-                 drop_path: float = 0.0, init: str = "xavier") -> None:
+                 drop_path: float = 0.0, init: str = "xavier", registers: int = 0,
+                 layer_scale: float | None = None) -> None:
         super().__init__()
+        if isinstance(registers, bool) or not isinstance(registers, int) or registers < 0:
+            raise ValueError(f"registers must be an int >= 0, got {registers!r}")
+        if layer_scale is not None and not (isinstance(layer_scale, (int, float))
+                                            and 0 < layer_scale < float("inf")):
+            raise ValueError(f"layer_scale must be a positive float or None, got {layer_scale!r}")
+        self.num_registers, self.layer_scale = registers, layer_scale
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if patch_size < 1 or h % patch_size or w % patch_size:
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
@@ -239,13 +286,16 @@ class VisionTransformer(nn.Module):
         with torch.device("meta"):
             self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            if registers:  # timm's name; absent when 0 so the state_dict is today's
+                self.reg_token = nn.Parameter(torch.zeros(1, registers, embed_dim))
             if pos_embed == "sincos":
                 self.register_buffer("pos_embed", torch.zeros(1, 1 + self.num_patches, embed_dim))
             else:
                 self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
             rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
             self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias,
-                                              drop_path=r, attn=attn) for r in rates)
+                                              drop_path=r, attn=attn,
+                                              layer_scale=layer_scale) for r in rates)
             self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.to_empty(device=device)
         self._init_weights()  # every parameter and buffer is written here
@@ -273,6 +323,11 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.patch_embed.proj.bias)
             nn.init.normal_(self.cls_token, std=0.02)
             cut = 0.04
+        if self.num_registers:  # as the cls token: both are learned, position-free tokens
+            nn.init.trunc_normal_(self.reg_token, std=0.02, a=-cut, b=cut)
+        for m in self.modules():
+            if isinstance(m, LayerScale):
+                nn.init.constant_(m.gamma, m.init_value)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-cut, b=cut)
         else:
@@ -302,7 +357,8 @@ class VisionTransformer(nn.Module):
         return self._pos_cache[key]
 
     def _tokens(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch tokens + pos, optionally only `ids_keep`, with the cls token in front."""
+        """Patch tokens + pos, optionally only `ids_keep`, with the cls token (and the
+        registers, never masked) in front: (B, 1 + R + L or L_keep, D)."""
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         tokens = self.patch_embed(x)  # (B, L, D)
         pos = self.pos_embed_for(grid)
@@ -314,10 +370,20 @@ class VisionTransformer(nn.Module):
                                  f"got shape {tuple(ids_keep.shape)}")
             tokens = gather_tokens(tokens, ids_keep, pos[:, 1:])
         cls = (self.cls_token + pos[:, :1]).expand(tokens.shape[0], -1, -1)
+        if self.num_registers:
+            regs = self.reg_token.expand(tokens.shape[0], -1, -1)
+            return torch.cat([cls, regs, tokens], dim=1)
         return torch.cat([cls, tokens], dim=1)
 
+    def drop_registers(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + R + n, D) -> (B, 1 + n, D): [cls | patches], what consumers read."""
+        if not self.num_registers:
+            return tokens
+        return torch.cat([tokens[:, :1], tokens[:, 1 + self.num_registers:]], dim=1)
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, 1+L, D): patch embed + cls + pos, before the blocks."""
+        """(B, C, H, W) -> (B, 1+R+L, D): patch embed + cls [+ registers] + pos, before the
+        blocks (callers running blocks themselves drop the registers with drop_registers)."""
         return self._tokens(x)
 
     def _run_blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
@@ -329,10 +395,12 @@ class VisionTransformer(nn.Module):
         return x
 
     # ------------------------------------------------------------------------- API
-    def forward_features(self, x: torch.Tensor,
-                         ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) [, ids_keep (B, L_keep)] -> (B, 1 + L or 1 + L_keep, D) after norm."""
-        return self.norm(self._run_blocks(self._tokens(x, ids_keep), self.blocks))
+    def forward_features(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None, *,
+                         keep_registers: bool = False) -> torch.Tensor:
+        """(B, C, H, W) [, ids_keep (B, L_keep)] -> (B, 1 + L or 1 + L_keep, D) after norm;
+        with keep_registers the R register rows stay, after the cls row."""
+        out = self.norm(self._run_blocks(self._tokens(x, ids_keep), self.blocks))
+        return out if keep_registers else self.drop_registers(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D)
         tokens = self.forward_features(x)
@@ -340,7 +408,15 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax weights of the last block: (B, heads, 1+L, 1+L), via the math backend."""
+        """Softmax weights of the last block: (B, heads, 1+L, 1+L), via the math backend.
+
+        With registers, their rows and columns are cut out (the softmax ran over them, so a
+        row then sums to less than 1): the map stays [cls | patches] x [cls | patches]."""
         h = self._run_blocks(self._embed(x), self.blocks[:-1])
         last = self.blocks[-1]
-        return last.attn.weights(last.norm1(h))
+        w = last.attn.weights(last.norm1(h))
+        if self.num_registers:
+            keep = torch.cat([torch.zeros(1, dtype=torch.long, device=w.device),
+                              torch.arange(1 + self.num_registers, w.shape[-1], device=w.device)])
+            w = w[:, :, keep][:, :, :, keep]
+        return w

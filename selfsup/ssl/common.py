@@ -167,9 +167,13 @@ def build_encoder(cfg, **kw) -> nn.Module:
         kw.setdefault("patch_size", cfg.patch_size or (4 if small else None))
         kw.setdefault("drop_path", cfg.drop_path or 0.0)
         kw.setdefault("init", cfg.vit_init or "xavier")
+        kw.setdefault("registers", getattr(cfg, "registers", 0) or 0)  # docs/dinov2.md
+        kw.setdefault("layer_scale", getattr(cfg, "layer_scale", None))
     else:
         for flag, acts in (("--drop-path", bool(cfg.drop_path)),
-                           ("--vit-init", cfg.vit_init not in (None, "xavier"))):
+                           ("--vit-init", cfg.vit_init not in (None, "xavier")),
+                           ("--registers", bool(getattr(cfg, "registers", 0))),
+                           ("--layer-scale", getattr(cfg, "layer_scale", None) is not None)):
             if acts:
                 raise ValueError(f"{flag} applies to ViTs only, not --arch {cfg.arch}")
         kw.setdefault("cifar_stem", small if cifar_stem is None else cifar_stem)
