@@ -119,6 +119,13 @@ RECIPES: dict[str, tuple[int, list[str]]] = {
     "mae": (520, VIT + ["--batch-size", "128", "--optimizer", "adamw", "--lr", "1e-3",
                         "--wd", "0.05", "--decoder-dim", "128", "--decoder-depth", "2",
                         "--mask-ratio", "0.5", "--no-norm-pix"]),
+    # issue 28's methods: the papers' LARS (blr 0.2, x batch / 256) and 3-layer 8192-wide
+    # projectors scaled down to 1024, at batch 128 (the batch statistics of Barlow Twins' and
+    # VICReg's losses are over the batch: 64 rows for 1024 features is noisier)
+    "barlowtwins": (4500, CNN + ["--batch-size", "128", "--proj-hidden", "1024",
+                                 "--proj-dim", "1024"]),
+    "vicreg": (4500, CNN + ["--batch-size", "128", "--proj-hidden", "1024",
+                            "--proj-dim", "1024"]),
 }
 RECIPES = {m: (steps, flags + PIN.get(m, [])) for m, (steps, flags) in RECIPES.items()}
 # Issue 8: its six methods gain >= 5 points within 10 CPU minutes. Issue 9: DINO and MAE beat
@@ -126,7 +133,14 @@ RECIPES = {m: (steps, flags + PIN.get(m, [])) for m, (steps, flags) in RECIPES.i
 # binomial std of an accuracy over the test images: 0.66 points at 67% on 5k), so a lucky draw
 # cannot pass; issue 9 sets no time, and DINO's budget is what its recipe needs (below).
 GOAL_POINTS = {"byol": 5.0, "simsiam": 5.0, "mocov1": 5.0, "mocov2": 5.0, "mocov3": 5.0,
-               "simclr": 5.0}
+               "simclr": 5.0, "barlowtwins": 5.0, "vicreg": 5.0, "swav": 5.0}
+# Recorded rows that miss their goal, with the reason: the table says NO for them and
+# tests/test_quality.py checks they still miss it (a row that starts passing leaves this list).
+UNMET = {
+    "barlowtwins": "+1.8 in 9 CPU minutes with the paper's LARS (blr 0.2) and a 1024-wide "
+                   "projector at batch 128: LARS at lr 0.1 without warm-up learns slowly in "
+                   "4500 steps; no other setting was tried in the time (issue 28.4 open)",
+}
 FMNIST_TEST = 10000  # Fashion-MNIST's test split ("all" in a row's k-NN sizes)
 BUDGET_CPU_S = {"dino": 2400.0}
 DEFAULT_BUDGET_CPU_S = 600.0
