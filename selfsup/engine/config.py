@@ -60,6 +60,10 @@ class Config:
     drop_path: float | None = None  # ViT stochastic depth of the trained encoder (DINO: 0.1)
     zero_init_residual: bool | None = None  # ResNet: last BN of each block 0 (MoCo v3, SimSiam)
     vit_init: str | None = None  # xavier (MAE, MoCo v3) | trunc_normal (DINO: std 0.02)
+    registers: int = 0  # ViT register tokens after cls (Darcet et al. 2023; docs/dinov2.md)
+    layer_scale: float | None = None  # ViT LayerScale init, e.g. 1e-5 (DINOv2); None: off
+    init_from: str | None = None  # backbone weights file (export / timm / DINOv2 names)
+    init_warmup_steps: int = 0  # with --init-from: backbone frozen for the first N steps
     # ---------------------------------------------------------------- method knobs (presets)
     temperature: float | None = None  # InfoNCE / NT-Xent / DINO student temperature
     queue_size: int | None = None  # MoCo v1/v2 negative queue length K

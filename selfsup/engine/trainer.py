@@ -24,6 +24,7 @@ from ..ssl import METHODS
 from . import checkpoint as ckpt
 from . import schedules
 from .config import Config
+from .init_from import apply_init_from
 from .monitors import (
     KNN_CPU_BUDGET_FLOP,
     CollapseMonitor,
@@ -184,6 +185,7 @@ def train(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- model + optimizer
     method = cls(cfg).to(device)
+    apply_init_from(method, cfg)  # --init-from: backbones loaded, heads fresh (docs/dinov2.md)
     # NHWC: ResNet convolutions run ~10-25% faster in oneDNN (CPU) and cuDNN (tensor cores);
     # a ViT only has its patch embedding to convert. Activations follow the input's format.
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -397,7 +399,7 @@ def clip_gradients(opt, params, cfg: Config, step: int, log_now: bool
     return total_norm
 
 
-def compile_modules(method: nn.Module) -> list[str]:
+def compile_modules(method: nn.Module, backend: str = "inductor") -> list[str]:
     """torch.compile, in place, every child of the method that owns parameters (backbone,
     heads, predictor, EMA teachers); returns their names.
 
@@ -411,9 +413,9 @@ def compile_modules(method: nn.Module) -> list[str]:
     for name, child in method.named_children():
         if next(child.parameters(), None) is None:
             continue
-        child.compile()
+        child.compile(backend=backend)
         if callable(getattr(type(child), "forward_features", None)):
-            child.forward_features = torch.compile(child.forward_features)
+            child.forward_features = torch.compile(child.forward_features, backend=backend)
         names.append(name)
     return names
 
