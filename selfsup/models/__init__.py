@@ -48,7 +48,8 @@ def build_backbone(name: str, *, img_size: int | tuple[int, int] = 224,
         return VisionTransformer.from_name(
             key, img_size=img_size, in_chans=in_chans, attn=attn, pos_embed=pos_embed,
             frozen_patch_embed=frozen_patch_embed, drop_path=drop_path, init=init,
-            registers=registers, layer_scale=layer_scale, **({} if patch_size is None else {"patch_size": patch_size}))
+            registers=registers, layer_scale=layer_scale,
+            **({} if patch_size is None else {"patch_size": patch_size}))
     if key in RESNET_ARCHS:
         vit_only = dict(patch_size=patch_size, attn=attn, frozen_patch_embed=frozen_patch_embed,
                         pos_embed=pos_embed, drop_path=drop_path, init=init,

@@ -72,7 +72,7 @@ def test_low_precision_upstream_65536(dtype):
     (ref * 65536).backward()
     xl = x.clone().requires_grad_()
     torch_lowp = koleo_loss_ref(xl)
-    torch_lowp.backward()  # at 65536 torch's own fp16 gradient overflows to inf/NaN; ours must not
+    torch_lowp.backward()  # at 65536 torch's fp16 gradient overflows to inf/NaN; ours must not
     xo = x.clone().requires_grad_()
     out = koleo_loss(xo)
     (out * 65536).backward()
