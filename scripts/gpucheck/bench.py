@@ -138,18 +138,18 @@ CASES = {
     "dino_loss/bf16 B64 2+10 K65536": (
         "DINO cls loss", lambda d: _dino(64, 12, 2, 65536, BF16, d),
         lambda d: _dino(4, 4, 2, 256, BF16, d), ("fwd+bwd", 110.0)),
-    "gather_tokens/bf16 MAE-L B64 L196 D1024": (
-        "MAE encoder gather + pos", lambda d: _gather(64, 196, 1024, BF16, d),
-        lambda d: _gather(4, 16, 64, BF16, d), ("fwd", 8.0)),
-    "gather_tokens/bf16 MAE-H B64 L256 D1280": (
-        "MAE-H encoder gather", lambda d: _gather(64, 256, 1280, BF16, d),
-        lambda d: _gather(4, 16, 64, BF16, d), None),
-    "scatter_tokens/bf16 MAE-L B64 L196 D512": (
-        "MAE decoder unshuffle + mask + pos", lambda d: _scatter(64, 196, 512, BF16, d),
-        lambda d: _scatter(4, 16, 64, BF16, d), ("fwd", 9.0)),
-    "scatter_tokens/bf16 MAE-H B64 L256 D512": (
-        "MAE-H decoder unshuffle", lambda d: _scatter(64, 256, 512, BF16, d),
-        lambda d: _scatter(4, 16, 64, BF16, d), None),
+    # MAE's token gather (encoder) and scatter (decoder) at MAE-L and MAE-H sizes: one
+    # table, the ROOFLINE goals on the -L rows
+    **{f"{op}/bf16 {size} B64 L{length} D{dim}": (
+        desc, lambda d, f=fn, n=length, c=dim: f(64, n, c, BF16, d),
+        lambda d, f=fn: f(4, 16, 64, BF16, d), goal)
+       for op, fn, size, length, dim, desc, goal in (
+           ("gather_tokens", _gather, "MAE-L", 196, 1024, "MAE encoder gather + pos",
+            ("fwd", 8.0)),
+           ("gather_tokens", _gather, "MAE-H", 256, 1280, "MAE-H encoder gather", None),
+           ("scatter_tokens", _scatter, "MAE-L", 196, 512,
+            "MAE decoder unshuffle + mask + pos", ("fwd", 9.0)),
+           ("scatter_tokens", _scatter, "MAE-H", 256, 512, "MAE-H decoder unshuffle", None))},
     "masked_patch_loss/bf16 pred, fp32 imgs B64 224px p16": (
         "MAE norm-pix masked MSE", lambda d: _mae_loss(64, 224, 16, BF16, d),
         lambda d: _mae_loss(2, 32, 8, BF16, d), ("fwd+bwd", 30.0)),

@@ -14,6 +14,7 @@ over the whole run. `--compile` runs happen only where train.py has that flag.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import shutil
@@ -123,6 +124,26 @@ def replayed_batches(enabled: bool, pin: bool):
         trainer.make_train_loader = original
 
 
+@contextlib.contextmanager
+def light_compile(enabled: bool):
+    """The dry run's compiled row: the trainer's compile_modules with backend aot_eager.
+
+    Dynamo's trace and AOTAutograd's joint graph run as on the GPU, but inductor's CPU C++
+    codegen (a minute or more on a busy 2-core machine) is left out, so the dry run fits
+    its budget; tests/test_compile_train.py covers the inductor path on CPU."""
+    from selfsup.engine import trainer
+
+    original = getattr(trainer, "compile_modules", None)
+    if not enabled or original is None:
+        yield None
+        return
+    trainer.compile_modules = functools.partial(original, backend="aot_eager")
+    try:
+        yield "dry run: torch.compile backend aot_eager (no inductor codegen)"
+    finally:
+        trainer.compile_modules = original
+
+
 def _throughput(log: Path, batch: int, warm: int) -> tuple[float | None, int, float | None]:
     """(img/s over the logged steps after `warm`, steps timed, last logged loss)."""
     rows = []
@@ -157,7 +178,10 @@ def train_run(ctx: Context, method: str, arch_label: str, compiled: bool, replay
         if ctx.cuda:
             torch.cuda.reset_peak_memory_stats(ctx.device)
         t0 = time.perf_counter()
-        with replayed_batches(replay, pin=ctx.cuda) as data_note:
+        with replayed_batches(replay, pin=ctx.cuda) as data_note, \
+                light_compile(ctx.dry_run and compiled) as compile_note:
+            if compile_note:
+                row["note"] = compile_note
             try:
                 summary = train(cfg)
             except ValueError as e:
