@@ -47,6 +47,7 @@ import torch
 
 from .. import dist
 from ._gram_torch import frob_cross, gram_apply
+from ._gram_triton import gram_dot
 from ._utils import FLOAT_DTYPES, check_same_device, choose_backend, compute_dtype
 
 EPS = 1e-5  # BatchNorm1d's
@@ -126,8 +127,6 @@ class _BarlowTwins(torch.autograd.Function):
         a, b = (x1 - mu1) * rs1, (x2 - mu2) * rs2
         c = (a * b).sum(0) / n
         if triton and n <= d:  # the fused sweep pays up to N = D (it halves the Gram FLOPs)
-            from ._gram_triton import gram_dot
-
             frob = gram_dot(g1, mu1, rs1, g2, mu2, rs2)
         else:
             frob = frob_cross(a, b)

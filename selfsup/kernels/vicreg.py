@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .. import dist
 from ._gram_torch import frob_cross, gram_apply
+from ._gram_triton import gram_dot
 from ._utils import choose_backend, compute_dtype
 from .barlow_twins import check_pair, check_weight
 
@@ -65,8 +66,6 @@ def _view(g: torch.Tensor, cdt: torch.dtype, triton: bool):
     v = x.pow(2).sum(0) / (n - 1)
     hinge = F.relu(1 - torch.sqrt(v + VAR_EPS)).mean()
     if triton and n <= d:
-        from ._gram_triton import gram_dot
-
         ones = torch.ones_like(mu)
         frob = gram_dot(g, mu, ones, g, mu, ones)
     else:

@@ -55,3 +55,19 @@ def test_identical_whitened_views_cost_only_the_eps():
     torch.testing.assert_close(barlow_twins_loss(same, same, lambd=0.5).double(),
                                barlow_twins_loss_ref(same, same, lambd=0.5), **TOL64)
     assert abs(barlow_twins_loss(same, same, lambd=0.5).item() - 0.5 * 8 * 7) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_launch_is_registered(monkeypatch, dtype):
+    """The Gram sweep's launches (both losses) match a registered, compiled configuration."""
+    from launch_recorder import LaunchRecorder
+
+    from selfsup.kernels import vicreg_loss
+
+    monkeypatch.setenv("SELFSUP_KERNELS", "triton")
+    z1, z2 = views(20, 40, dtype)
+    with LaunchRecorder() as rec:
+        barlow_twins_loss(z1, z2).backward()
+        vicreg_loss(z1, z2).backward()
+    assert rec.launches  # distinct launch signatures: both losses share one here
+    assert not rec.unregistered(), [x.describe() for x in rec.unregistered()]
