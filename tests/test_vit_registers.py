@@ -199,3 +199,20 @@ def test_two_step_training_with_registers_and_layer_scale(method, tmp_path):
     keys = state["model"].keys()
     assert any(k.endswith("backbone.reg_token") for k in keys)
     assert any(k.endswith("blocks.0.ls1.gamma") for k in keys)
+    # the run's consumers: the pictures (attention maps / MAE reconstruction) and the export
+    from PIL import Image
+
+    from selfsup import export as export_cli
+    from selfsup import visualize
+    from selfsup.data import load_dataset
+
+    image = tmp_path / "item.png"
+    Image.fromarray(load_dataset("fashion-mnist-sample", "test").images[0]).save(image)
+    kind = "attention" if method == "dino" else "reconstruction"
+    out = tmp_path / f"{kind}.png"
+    assert visualize.main([kind, "--checkpoint", cfg.out, "--image", str(image),
+                           "--out", str(out)]) == 0
+    assert Image.open(out).size[0] >= 3 * 16
+    file = tmp_path / "vit.safetensors"
+    assert export_cli.main(["--checkpoint", cfg.out, "--out", str(file)]) == 0
+    assert export_cli.load_exported(file)["reg_token"].shape == (1, 2, 192)
