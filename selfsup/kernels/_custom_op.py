@@ -87,3 +87,18 @@ def join_temperature(tensor: torch.Tensor | None, value: float, name: str = "tem
         if device is not None and device.type != "cpu":
             return v
     return tensor
+
+
+# ----------------------------------------------------------------------------- shared ops
+def _scale_grad_fake(grad, upstream, dtype):
+    return torch.empty_like(grad, dtype=dtype)
+
+
+@fused_op("scale_grad", fake=_scale_grad_fake)
+def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A gradient computed in forward (fp32 for fp16/bf16 inputs) times the upstream gradient,
+    one rounding into a fresh tensor of `dtype`: the backward of every loss whose forward
+    writes d input (DINO's portable path, MAE's loss). Fresh, not in place: an op's output
+    may not alias its input, and a retain_graph second backward stays correct (the price is
+    one more input-sized buffer during backward than an in-place scale)."""
+    return torch.mul(grad, upstream, out=torch.empty_like(grad, dtype=dtype))

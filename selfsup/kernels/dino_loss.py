@@ -55,7 +55,7 @@ Paths (`choose_backend`; SELFSUP_KERNELS forces one):
   sum_i P_i (B, K) fp32 + one block (224 MiB at B=64, 2+10, K=65536 fp32, vs 944 MiB for the
   pair loop).
 Both run inside the custom ops ``torch.ops.selfsup.dino_loss_fwd`` / ``dino_loss_bwd`` /
-``dino_loss_scale_grad`` (fake implementations, registered autograd; `_custom_op.py`), so
+``scale_grad`` (fake implementations, registered autograd; `_custom_op.py`), so
 `torch.compile(fullgraph=True)` traces `dino_loss` and `DINOLoss`. A temperature that changes
 every step (the teacher warm-up) is best passed as a 0-d tensor: a float is specialized by
 torch.compile, so each new value would recompile.
@@ -76,7 +76,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
-from ._custom_op import fused_op, join_temperature, placeholder, split_temperature
+from ._custom_op import (
+    fused_op,
+    join_temperature,
+    placeholder,
+    scale_grad,
+    split_temperature,
+)
 from ._registry import KernelConfig, register_kernel
 from ._triton import tl, triton
 from ._utils import (
@@ -726,16 +732,6 @@ def _dino_bwd_op(s: torch.Tensor, t: torch.Tensor, c: torch.Tensor, par: torch.T
                                 grad)
 
 
-@fused_op("dino_loss_scale_grad", fake=lambda ds, grad, dtype: torch.empty_like(ds, dtype=dtype))
-def _dino_scale_grad_op(ds: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype
-                        ) -> torch.Tensor:
-    """The portable path's backward: dS (fp32 for fp16 inputs) times the upstream gradient,
-    one rounding into a fresh tensor of `dtype`. Fresh, not in place: an op's output may not
-    alias its input, and it keeps a retain_graph second backward correct (it costs one more
-    dS-sized buffer in backward than the old in-place hand-over)."""
-    return torch.mul(ds, grad, out=torch.empty_like(ds, dtype=dtype))
-
-
 def _setup_context(ctx, inputs, output):
     student_out, teacher_out, _, _, _, _, _, _, backend, _ = inputs
     ctx.backend, ctx.dtype = backend, student_out.dtype
@@ -752,7 +748,7 @@ def _backward(ctx, grad_loss, *_unused):
     if ctx.backend == "triton":
         ds = _dino_bwd_op(*ctx.saved_tensors, grad_loss)
     else:
-        ds = _dino_scale_grad_op(ctx.saved_tensors[0], grad_loss, ctx.dtype)
+        ds = scale_grad(ctx.saved_tensors[0], grad_loss, ctx.dtype)  # a fresh dS
     return ds, *([None] * 9)
 
 
