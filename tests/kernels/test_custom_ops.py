@@ -382,8 +382,6 @@ def test_compiled_under_bf16_autocast_matches_eager(seed, backend, path):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
 
 
-@pytest.mark.xfail(strict=True, reason="MAE's ops are not custom ops yet (its index range "
-                   "check reads ids while tracing); remove this marker when they are")
 @pytest.mark.parametrize("path", PATHS)
 def test_compiled_mae_method_forward_matches_eager(seed, backend, monkeypatch, path):
     # masking (gather), the decoder's scatter and the masked patch loss in one ViT graph
@@ -408,3 +406,73 @@ def test_compiled_mae_method_forward_matches_eager(seed, backend, monkeypatch, p
                                  [p for p in twin.parameters() if p.requires_grad], views)
     _assert_all_close(got, want, torch.float64)
     assert counter.frame_count >= 1
+
+
+# ----------------------------------------------------------------------------- MAE ops
+def _mae_inputs(dtype, b=3, length=10, d=13):
+    import selfsup.kernels.mae as mae
+
+    ids_keep, ids_restore, mask = mae.random_masking(b, length, 0.6)
+    x = torch.randn(b, length, d, dtype=dtype)
+    x_dl = torch.randn(b, d, length, dtype=dtype).transpose(1, 2)  # PatchEmbed's layout
+    pos = torch.randn(1, length, d, dtype=dtype)
+    x_vis = torch.randn(b, 1 + ids_keep.shape[1], d, dtype=dtype)
+    tok, pos1 = torch.randn(1, 1, d, dtype=dtype), torch.randn(1, 1 + length, d, dtype=dtype)
+    imgs = torch.randn(b, 3, 8, 20, dtype=dtype)  # 2 x 5 patches of 4 x 4
+    pred = torch.randn(b, length, 4 * 4 * 3, dtype=dtype)
+    return dict(ids_keep=ids_keep, ids_restore=ids_restore, mask=mask, x=x, x_dl=x_dl,
+                pos=pos, x_vis=x_vis, tok=tok, pos1=pos1, imgs=imgs, pred=pred)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", PATHS)
+def test_opcheck_mae(seed, path, dtype):
+    mae_ops = importlib.import_module("selfsup.kernels.mae._ops")
+    t = _mae_inputs(dtype)
+    grad = {k: v.requires_grad_() for k, v in t.items() if v.is_floating_point()}
+    for x in (grad["x"], grad["x_dl"]):
+        for det in (False, True):
+            torch.library.opcheck(mae_ops._gather_fwd_op, (x, t["ids_keep"], grad["pos"],
+                                                           det, path))
+    torch.library.opcheck(mae_ops._gather_fwd_op, (grad["x"], t["ids_keep"], None, False, path))
+    for det in (False, True):
+        torch.library.opcheck(mae_ops._scatter_fwd_op, (grad["x_vis"], t["ids_restore"],
+                                                        grad["tok"], grad["pos1"], 1, det, path))
+    for norm_pix in (False, True):
+        torch.library.opcheck(mae_ops._loss_fwd_op, (grad["pred"], t["imgs"], t["mask"], 4,
+                                                     norm_pix, True, path))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", PATHS)
+def test_compiled_mae_ops_match_eager(seed, backend, path, dtype):
+    import selfsup.kernels.mae as mae
+
+    backend(path)
+    t = _mae_inputs(dtype)
+    cases = [
+        (lambda x, pos: mae.gather_tokens(x, t["ids_keep"], pos), (t["x"], t["pos"])),
+        (lambda x, pos: mae.gather_tokens(x, t["ids_keep"], pos), (t["x_dl"], t["pos"])),
+        (lambda xv, tok, pos: mae.scatter_tokens(xv, t["ids_restore"], tok, pos),
+         (t["x_vis"], t["tok"], t["pos1"])),
+        (lambda pred: mae.masked_patch_loss(pred, t["imgs"], t["mask"], 4), (t["pred"],)),
+    ]
+    for fn, args in cases:
+        def summed(*a, fn=fn):  # a scalar with a non-uniform upstream for the token ops
+            out = fn(*a)
+            return out if out.dim() == 0 else (out * torch.linspace(-1, 2, out.shape[-1],
+                                                                    dtype=out.dtype)).sum()
+        cfn, counter = _compiled(summed, dynamic=True)
+        requires = [True] * len(args)
+        _assert_all_close(_loss_and_grads(cfn, args, requires),
+                          _loss_and_grads(summed, args, requires), dtype)
+        assert counter.frame_count >= 1
+
+
+def test_mae_bad_ids_still_raise_value_error_when_compiled(backend):
+    import selfsup.kernels.mae as mae
+
+    backend("torch")
+    x, ids = torch.randn(2, 6, 4), torch.tensor([[0, 6], [1, 2]])
+    with pytest.raises(ValueError, match=r"ids_keep values must lie in \[0, 6\)"):
+        torch.compile(mae.gather_tokens, backend="aot_eager", fullgraph=True)(x, ids)

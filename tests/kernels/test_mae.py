@@ -372,8 +372,9 @@ def test_validation_errors_name_the_argument():
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_masked_patch_loss_repeated_backward(seed, backend, backend_name):
-    """The saved gradient is scaled in place by the first backward; a second backward through
-    a retained graph must still be right, and an unrecoverable one must raise."""
+    """Every backward through a retained graph scales the saved gradient into a fresh tensor
+    (the custom op's output never aliases its input), so each one is right, even after an
+    upstream gradient of 0."""
     backend(backend_name)
     _, _, mask = M.random_masking(B, 6, 0.5)
     imgs = torch.randn(B, 3, 32, 48, dtype=torch.float64)
@@ -386,5 +387,4 @@ def test_masked_patch_loss_repeated_backward(seed, backend, backend_name):
         torch.testing.assert_close(g, ref * up, **TOL64)
     loss = M.masked_patch_loss(pred, imgs, mask, 16)
     torch.autograd.grad(loss, pred, torch.tensor(0.0, dtype=torch.float64), retain_graph=True)
-    with pytest.raises(RuntimeError, match="recompute the loss"):
-        torch.autograd.grad(loss, pred)
+    torch.testing.assert_close(torch.autograd.grad(loss, pred)[0], ref, **TOL64)

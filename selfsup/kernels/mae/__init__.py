@@ -29,7 +29,8 @@ Paths (`choose_backend`, ``SELFSUP_KERNELS`` forces one):
   fixed-order column sum over the batch and per-program partials summed by torch. The loss is one
   kernel reading pred and imgs by stride (no patchify copy), masked patches only.
   fp64 inputs compute in fp64 (tight float64 tests); everything else accumulates in fp32.
-- "torch": the portable path, custom autograd.Functions of few ops: row index_select /
+- "torch": the portable path, in the same custom ops as the kernels (`_ops.py`: fake impls and
+  registered autograd, so torch.compile(fullgraph=True) traces them), few ops: row index_select /
   index_copy on flattened (B·L, D) rows, the loss over chunks of masked patches only, with its
   gradient written in the forward pass. Every reduction is deterministic on CPU; on CUDA
   ``deterministic=True`` swaps index_add_ (atomics) for a batch sum.

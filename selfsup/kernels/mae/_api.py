@@ -1,4 +1,4 @@
-"""autograd.Functions and the public MAE ops."""
+"""The public MAE ops: validation, dispatch, then the custom ops of `_ops.py`."""
 
 from __future__ import annotations
 
@@ -6,114 +6,8 @@ import torch
 
 from .._utils import choose_backend
 from ._checks import _check_gather, _check_loss, _check_scatter, _deterministic
-from ._launch import (
-    gather_tokens_bwd,
-    gather_tokens_fwd,
-    masked_patch_loss_fwd,
-    scatter_tokens_bwd,
-    scatter_tokens_fwd,
-    x_is_dl,
-)
+from ._ops import _gather_fwd_op, _loss_fwd_op, _scatter_fwd_op
 from ._ref import gather_tokens_ref, masked_patch_loss_ref, scatter_tokens_ref
-from ._torch import (
-    _gather_bwd_torch,
-    _gather_fwd_torch,
-    _loss_fwd_torch,
-    _scatter_bwd_torch,
-    _scatter_fwd_torch,
-)
-
-
-# ============================================================================ autograd
-class GatherTokensFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, ids_keep, pos_embed, deterministic, backend):
-        fwd = gather_tokens_fwd if backend == "triton" else _gather_fwd_torch
-        ctx.save_for_backward(ids_keep)
-        ctx.meta = (x.shape, x.dtype, None if pos_embed is None else pos_embed.dtype,
-                    deterministic, backend, x_is_dl(x))
-        return fwd(x, ids_keep, pos_embed)
-
-    @staticmethod
-    def backward(ctx, g):
-        (ids_keep,) = ctx.saved_tensors
-        x_shape, x_dtype, pos_dtype, det, backend, x_dl = ctx.meta
-        need_pos = pos_dtype is not None and ctx.needs_input_grad[2]
-        if backend == "triton":  # dx in x's own layout
-            dx, dpos = gather_tokens_bwd(g, ids_keep, x_shape, x_dtype, pos_dtype, need_pos,
-                                         det, x_dl)
-        else:
-            dx, dpos = _gather_bwd_torch(g, ids_keep, x_shape, x_dtype, pos_dtype, need_pos,
-                                         det)
-        return (dx if ctx.needs_input_grad[0] else None), None, dpos, None, None
-
-
-class ScatterTokensFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_vis, ids_restore, mask_token, pos_embed, n_prefix, deterministic,
-                backend):
-        fwd = scatter_tokens_fwd if backend == "triton" else _scatter_fwd_torch
-        ctx.save_for_backward(ids_restore)
-        ctx.meta = (x_vis.shape, x_vis.dtype, mask_token.shape, mask_token.dtype,
-                    None if pos_embed is None else pos_embed.dtype, n_prefix, deterministic,
-                    backend)
-        return fwd(x_vis, ids_restore, mask_token, pos_embed, n_prefix)
-
-    @staticmethod
-    def backward(ctx, g):
-        (ids_restore,) = ctx.saved_tensors
-        x_shape, x_dtype, tok_shape, tok_dtype, pos_dtype, n_prefix, det, backend = ctx.meta
-        need_pos = pos_dtype is not None and ctx.needs_input_grad[3]
-        if backend == "triton":
-            dx, dtok, dpos = scatter_tokens_bwd(g, ids_restore, x_shape, x_dtype, n_prefix,
-                                                need_pos, det)
-        else:
-            dx, dtok, dpos = _scatter_bwd_torch(g, ids_restore, x_shape, x_dtype, n_prefix,
-                                                need_pos)
-        dtok = dtok.to(tok_dtype).reshape(tok_shape)
-        dpos = dpos.to(pos_dtype) if dpos is not None else None
-        return (dx if ctx.needs_input_grad[0] else None, None,
-                dtok if ctx.needs_input_grad[2] else None, dpos, None, None, None)
-
-
-class MaskedPatchLossFunction(torch.autograd.Function):
-    """Forward computes loss and d loss / d pred together; backward scales by the upstream."""
-
-    @staticmethod
-    def forward(ctx, pred, imgs, mask, patch_size, norm_pix, need_grad, backend):
-        fwd = masked_patch_loss_fwd if backend == "triton" else _loss_fwd_torch
-        loss, grad = fwd(pred, imgs, mask, patch_size, norm_pix, need_grad)
-        ctx.dtype = pred.dtype
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        if grad.dtype != ctx.dtype:
-            # fp16/bf16: the fp32 gradient meets the upstream (GradScaler's scale) first, then
-            # one rounding into a fresh tensor (a retained graph can run this again)
-            return (torch.mul(grad, g, out=torch.empty_like(grad, dtype=ctx.dtype)),
-                    None, None, None, None, None, None)
-        if grad.device.type != "cpu":  # a fresh buffer is cheap here; nothing read back
-            return grad * g, None, None, None, None, None, None
-        # CPU: the first backward scales the saved gradient in place: no second (B, L, P)
-        # buffer (a fresh buffer's page faults cost as much as the whole scaling pass).
-        # `.data` keeps autograd's version counter unchanged, so a repeated backward through
-        # a retained graph (gradcheck, retain_graph=True) can undo the first upstream by a
-        # ratio (the check reads host memory: no synchronization).
-        applied = getattr(ctx, "applied", None)
-        if applied is None:
-            ctx.applied = g.detach().clone()
-            out = grad.data.mul_(g)  # a 0-dim g keeps grad's dtype
-        else:
-            if not bool(torch.isfinite(applied) & (applied != 0)):
-                raise RuntimeError("masked_patch_loss: a repeated backward after an upstream "
-                                   f"gradient of {applied.item()} cannot be recovered; "
-                                   "recompute the loss")
-            out = grad * (g / applied)
-        return out, None, None, None, None, None, None
 
 
 # ============================================================================ public API
@@ -133,8 +27,7 @@ def gather_tokens(x, ids_keep, pos_embed=None, *, deterministic=None):
     backend = choose_backend(x, ids_keep, pos_embed)
     if backend == "ref":
         return gather_tokens_ref(x, ids_keep, pos_embed)
-    return GatherTokensFunction.apply(x, ids_keep, pos_embed, _deterministic(deterministic),
-                                      backend)
+    return _gather_fwd_op(x, ids_keep, pos_embed, _deterministic(deterministic), backend)
 
 
 def scatter_tokens(x_vis, ids_restore, mask_token, pos_embed=None, *, n_prefix=1,
@@ -155,8 +48,8 @@ def scatter_tokens(x_vis, ids_restore, mask_token, pos_embed=None, *, n_prefix=1
     backend = choose_backend(x_vis, ids_restore, mask_token, pos_embed)
     if backend == "ref":
         return scatter_tokens_ref(x_vis, ids_restore, mask_token, pos_embed, n_prefix=n_prefix)
-    return ScatterTokensFunction.apply(x_vis, ids_restore, mask_token, pos_embed, int(n_prefix),
-                                       _deterministic(deterministic), backend)
+    return _scatter_fwd_op(x_vis, ids_restore, mask_token, pos_embed, int(n_prefix),
+                           _deterministic(deterministic), backend)
 
 
 def masked_patch_loss(pred, imgs, mask, patch_size, *, norm_pix=True):
@@ -176,5 +69,5 @@ def masked_patch_loss(pred, imgs, mask, patch_size, *, norm_pix=True):
     if backend == "ref":
         return masked_patch_loss_ref(pred, imgs, mask, patch_size, norm_pix=norm_pix)
     need_grad = pred.requires_grad and torch.is_grad_enabled()
-    return MaskedPatchLossFunction.apply(pred, imgs, mask, int(patch_size), bool(norm_pix),
-                                         need_grad, backend)
+    return _loss_fwd_op(pred, imgs, mask, int(patch_size), bool(norm_pix), need_grad,
+                        backend)[0]

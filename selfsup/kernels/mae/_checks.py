@@ -50,7 +50,15 @@ def _check_ids(name, ids, batch, max_cols=None, upper=None):
     # host synchronization inside every op, so it is skipped there (no .item(), no min/max
     # read). In-range ids on CUDA are the caller's contract; random_masking's are by
     # construction, and an out-of-range id is caught by the CPU tests of the same code.
-    if upper is not None and ids.device.type == "cpu" and ids.numel():
+    # Under torch.compile the values cannot be read while tracing: the op body checks them
+    # (`_ops.py`), where they are real tensors.
+    if upper is not None and not torch.compiler.is_compiling():
+        _check_ids_range(name, ids, upper)
+
+
+def _check_ids_range(name, ids, upper):
+    """ValueError unless the CPU tensor `ids` lies in [0, upper) (accelerator ids: skipped)."""
+    if ids.device.type == "cpu" and ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} values must lie in [0, {upper}), got [{lo}, {hi}]")
