@@ -3,10 +3,11 @@
 Rows: impl x shape x mode (fwd = codes + loss under no_grad; fwd+bwd = loss.backward()).
 "ref" is the paper's algorithm as written (sinkhorn_knopp_ref in float64 on the two global
 views, then the V (V-1) pair loop of log_softmax over each view, swav_loss_ref); "ours" is
-selfsup.kernels.swav (fp32 Sinkhorn with a max shift; the loss as one log_softmax over all V
-views and the identity sum_{v != a} <q_a, logp_v> = <q_a, sum_v logp_v> - <q_a, logp_a>, so
-each view's log-probabilities are computed once, not V - 1 times). The paper shape is the
-ImageNet setting per GPU: B = 64, 2 + 6 crops, K = 3000 prototypes, plus the 3840-row queue
+selfsup.kernels.swav (float64 Sinkhorn with a max shift, fp32 codes; the loss as one
+log_softmax over all V views and the identity
+sum_{v != a} <q_a, logp_v> = <q_a, sum_v logp_v> - <q_a, logp_a>, so each view's
+log-probabilities are computed once, not V - 1 times). The paper shape is the ImageNet
+setting per GPU: B = 64, 2 + 6 crops, K = 3000 prototypes, plus the 3840-row queue
 in the Sinkhorn input. There is no Triton row: the scores are (V B, K) = 1.5 M floats, ~6 MB,
 which no fused kernel would make a measurable part of a ResNet-50 step.
 """

@@ -34,7 +34,8 @@ def sinkhorn_knopp(scores: torch.Tensor, temperature: float = 0.05,
         temperature: epsilon, the entropy regularisation (paper 0.05).
         n_iters: alternating normalisations (paper 3).
     Returns:
-        (B, K) float32 codes, each row summing to 1 (after the last column normalisation).
+        (B, K) codes, each row summing to 1 (after the last column normalisation): float32
+        (float64 for float64 scores), computed in float64.
     """
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or scores.shape[1] < 1:
         raise ValueError(f"sinkhorn_knopp: scores must be a 2-D (B, K) tensor, got "
@@ -45,7 +46,10 @@ def sinkhorn_knopp(scores: torch.Tensor, temperature: float = 0.05,
         raise ValueError(f"sinkhorn_knopp: n_iters must be an int >= 1, got {n_iters!r}")
     if not scores.is_floating_point():
         raise ValueError(f"sinkhorn_knopp: scores must be floating point, got {scores.dtype}")
-    s = scores.double() if scores.dtype == torch.float64 else scores.float()
+    # float64 throughout: at small eps a prototype far from every sample has exp() of its
+    # scores below fp32's range (cos gaps of 2 / 0.005 = 400 nats), its row sum 0 and its
+    # codes 0 / 0; the (B + queue, K) matrix is a few MB, so the cost is nothing
+    s = scores.double()
     # the global max cancels in the normalisations; it keeps exp() finite at small eps
     m = s.max().reshape(1)
     if dist.is_dist():
@@ -60,7 +64,8 @@ def sinkhorn_knopp(scores: torch.Tensor, temperature: float = 0.05,
         q /= k
         q /= q.sum(dim=0, keepdim=True)  # columns: each sample 1/B (local sums suffice)
         q /= n_total
-    return (q * n_total).T
+    q = (q * n_total).T
+    return q if scores.dtype == torch.float64 else q.float()
 
 
 def sinkhorn_knopp_ref(scores: torch.Tensor, temperature: float = 0.05,
