@@ -63,6 +63,8 @@ def read_scalars(values: dict) -> dict[str, float]:
     keys, tensors = [], []
     for k, v in values.items():
         if torch.is_tensor(v) and v.numel() == 1:
+            if hasattr(v, "full_tensor"):  # FSDP2's DTensor (a sharded grad norm): a
+                v = v.full_tensor()  # collective, so every rank calls read_scalars
             keys.append(k)
             tensors.append(v.detach().reshape(()).double())
     read = {}
