@@ -63,7 +63,9 @@ def nearest_neighbours(xn: torch.Tensor) -> torch.Tensor:
     out = torch.empty(b, dtype=torch.long, device=xn.device)
     for r0 in range(0, b, rows):
         r1 = min(r0 + rows, b)
-        sim = xn[r0:r1] @ xn.T  # (C, B)
+        # autocast off: a bf16 matmul could pick the wrong one of two close neighbours
+        with torch.autocast(xn.device.type, enabled=False):
+            sim = xn[r0:r1] @ xn.T  # (C, B)
         idx = torch.arange(r0, r1, device=xn.device)
         sim[idx - r0, idx] = float("-inf")  # a row is not its own neighbour
         out[r0:r1] = sim.argmax(dim=1)

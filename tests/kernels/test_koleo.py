@@ -96,3 +96,12 @@ def test_bad_input_names_x(bad):
 def test_bad_eps():
     with pytest.raises(ValueError, match="eps"):
         koleo_loss(torch.randn(3, 4), eps=0.0)
+
+
+def test_autocast_does_not_change_the_neighbour_search():
+    fresh_seed()
+    x = torch.randn(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = koleo_loss(x)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, koleo_loss_ref(x.double()).float(), rtol=1e-5, atol=1e-5)
