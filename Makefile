@@ -39,9 +39,11 @@ bench: install
 quality: install
 	$(PY) bench/quality.py
 
-# The kernels under triton 3.6 (the GPU images' version) in their own venv; not part of CI.
+# The kernels under triton 3.6 (the GPU images' version) in their own venv; not part of CI
+# (~13 min on the 2-core dev machine, ~3 of them the venv build; VENV36=dir reuses a venv).
+# TRITON36_ARGS go to pytest, e.g. TRITON36_ARGS="-x -k dino".
 triton36:
-	bash scripts/triton36_check.sh
+	bash scripts/triton36_check.sh $(TRITON36_ARGS)
 
 # On a CUDA machine with torch + triton already there (no install, no network): kernels vs
 # float64, timings vs ROOFLINE, 20 training steps per method; about 8 minutes (docs/gpu-check.md).
