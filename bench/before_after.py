@@ -20,8 +20,9 @@ How it stays fair on a small shared machine:
   compare calls taken seconds apart. Times are CPU time of the worker process
   (time.process_time: with one thread, the work itself; wall time also counts the seconds the
   scheduler gave the core to someone else, which on a shared 2-core machine swamps small
-  cases); wall-clock medians are reported beside them. A case is flagged SLOWER when the ratio exceeds 1.05 and
-  even the 25th percentile of the per-round ratios is above 1 (slower in most rounds, not noise).
+  cases); wall-clock medians are reported beside them. A case is flagged SLOWER when the
+  ratio exceeds 1.05 and even the 25th percentile of the per-round ratios is above 1 (slower
+  in most rounds, not noise).
 
 Shapes are the CPU rows of bench_info_nce.py, bench_dino_loss.py and bench_mae.py; inputs are
 built from fixed seeds in each worker, identical for old and new. fp32 everywhere, and bf16

@@ -22,7 +22,8 @@ VENV36=${VENV36:-.venv-triton36}
 PY="$VENV36/bin/python"
 start=$(date +%s)
 if [ ! -x "$PY" ] || ! "$PY" -c "import sys, numpy, triton
-sys.exit(triton.__version__ != '3.6.0' or tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 3))"
+np = tuple(map(int, numpy.__version__.split('.')[:2]))
+sys.exit(triton.__version__ != '3.6.0' or np >= (2, 3))"
 then
     python3 -m venv "$VENV36"
     "$PY" -m pip install -q --upgrade pip
