@@ -17,8 +17,23 @@ import torch
 from torch import nn
 
 
+class Conv3x3(nn.Conv2d):
+    """A 3x3 conv (padding 1) that runs on a 1 x 1 input as the 1 x 1 conv of its centre tap.
+
+    The other 8 taps meet only padding there, so output and gradients are the same (theirs
+    exactly 0). Why: CPU oneDNN's bf16 weight gradient of the 3x3 stride-2 conv on a 1 x 1
+    input leaves those 8 taps uninitialised (inf / NaN at random, torch 2.13), and a 16-px
+    crop behind the ImageNet stem reaches layer4 at 1 x 1 (SwAV's local views;
+    tests/test_resnet_bf16_small.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] == (1, 1):
+            return nn.functional.conv2d(x, self.weight[:, :, 1:2, 1:2])
+        return super().forward(x)
+
+
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+    return Conv3x3(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
 def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
