@@ -26,7 +26,8 @@ COMMON = ["--data", "fashion-mnist-sample", "--device", "cpu", "--data-device", 
 VIT = ["--arch", "vit_tiny", "--img-size", "224"]
 CNN = ["--arch", "resnet_tiny", "--img-size", "32"]
 CASES = [("mocov1", CNN), ("mocov2", CNN), ("simsiam", CNN), ("byol", CNN), ("simclr", CNN),
-         ("mocov3", CNN), ("mocov3", VIT), ("dino", VIT), ("dino", CNN), ("mae", VIT)]
+         ("mocov3", CNN), ("mocov3", VIT), ("dino", VIT), ("dino", CNN), ("mae", VIT),
+         ("barlowtwins", CNN), ("vicreg", CNN), ("swav", CNN)]
 # Methods whose launches are not yet registered (a strict xfail: the day they are, the marker
 # must go). Empty since MAE's launchers pass the registered num_stages and widths (issue 22).
 KNOWN_GAPS: set[str] = set()
@@ -35,7 +36,7 @@ KNOWN_GAPS: set[str] = set()
 def run(method: str, arch: list[str], precision: str, tmp_path) -> LaunchRecorder:
     argv = ["--method", method, *COMMON, *arch, "--precision", precision,
             "--out", str(tmp_path / method)]
-    if method == "dino":
+    if method in ("dino", "swav"):
         argv += ["--n-local", "2"]  # each local crop is one more view of the same shapes
     args = vars(build_parser().parse_args(argv))
     cfg = resolve(args, method_class(method).preset)
@@ -54,7 +55,7 @@ def test_every_launch_of_a_training_step_is_registered(method, arch, precision, 
     monkeypatch.setenv("SELFSUP_KERNELS", "triton")
     monkeypatch.setenv("SELFSUP_ATTN", "sdpa")
     rec = run(method, arch, precision, tmp_path)
-    fused = {"mocov1", "mocov2", "mocov3", "simclr", "dino", "mae"}
+    fused = {"mocov1", "mocov2", "mocov3", "simclr", "dino", "mae", "barlowtwins", "vicreg"}
     if method in fused:
         assert rec.launches, f"{method} launched no Triton kernel"
     missing = rec.unregistered()
