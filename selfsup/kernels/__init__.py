@@ -35,6 +35,8 @@ from .mae import (
     scatter_tokens_ref,
     unpatchify,
 )
+from .koleo import koleo_loss, koleo_loss_ref
+from .swav import sinkhorn_knopp, sinkhorn_knopp_ref, swav_loss, swav_loss_ref
 from .vicreg import vicreg_loss, vicreg_loss_ref
 
 __all__ = [
@@ -72,4 +74,12 @@ __all__ = [
     "scatter_tokens",
     "scatter_tokens_ref",
     "unpatchify",
+    # SwAV
+    "sinkhorn_knopp",
+    "sinkhorn_knopp_ref",
+    "swav_loss",
+    "swav_loss_ref",
+    # DINOv2
+    "koleo_loss",
+    "koleo_loss_ref",
 ]
