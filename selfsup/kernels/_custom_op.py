@@ -102,3 +102,39 @@ def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype) -
     may not alias its input, and a retain_graph second backward stays correct (the price is
     one more input-sized buffer during backward than an in-place scale)."""
     return torch.mul(grad, upstream, out=torch.empty_like(grad, dtype=dtype))
+
+
+
+# A loss whose forward writes d input (DINO's portable path, MAE's loss) hands that buffer to
+# backward. A fresh `scale_grad` output is right for every backward, but on CPU a fresh
+# input-sized buffer page-faults: ~110 ms for DINO's 200 MB dS, more than the multiply
+# (bench/results/cpu/before_after.md). So eager CPU calls scale the saved buffer in place on
+# the first backward (what the pre-custom-op code did) and remember the factor; a later
+# backward through a retained graph (gradcheck, several vjps) scales the already-scaled buffer
+# by the ratio into a fresh tensor. The buffer stays a saved tensor, so autograd releases it
+# after a one-shot backward and AccumulateGrad takes it as .grad without a copy. Elsewhere
+# (CUDA, where the caching allocator makes a fresh buffer cheap and reading the factor would
+# sync; compiled graphs, whose tensors are traced) it is always the fresh `scale_grad`.
+def save_grad_buffer(ctx, grad: torch.Tensor) -> None:
+    """setup_context side: keep the forward-computed gradient for `scaled_grad_buffer`."""
+    ctx.save_for_backward(grad)
+    ctx.grad_factor = None
+
+
+def scaled_grad_buffer(ctx, upstream: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """backward side: the saved gradient times the (0-d) upstream gradient, in `dtype`."""
+    (buf,) = ctx.saved_tensors
+    eager_cpu = (buf.device.type == "cpu" and type(buf) is torch.Tensor
+                 and not torch.compiler.is_compiling())
+    if not eager_cpu:
+        return scale_grad(buf, upstream, dtype)
+    if ctx.grad_factor is not None:  # a retained graph's next backward: buf holds grad * factor
+        return scale_grad(buf, upstream / ctx.grad_factor, dtype)
+    factor = float(upstream)  # a CPU read: free
+    if buf.dtype != dtype or factor == 0.0:  # a cast is due, or 0 would erase the buffer
+        return scale_grad(buf, upstream, dtype)
+    ctx.grad_factor = factor
+    # through .data: the saved tensor's version stays, so a later backward may unpack it (it
+    # knows the factor); nothing else holds this buffer yet
+    buf.data.mul_(upstream)
+    return buf

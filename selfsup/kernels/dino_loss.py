@@ -34,10 +34,12 @@ in fp32, before its one rounding to the input dtype. The two paths get there dif
   also makes retain_graph double backward work. The upstream gradient is read on the device.
 - the portable path keeps its single pass (recomputing would double its CPU time): the
   forward writes dS inside its own blocks, in fp32 for fp16 inputs, and backward scales it
-  into a fresh tensor (for fp16: one fused multiply-and-round into fp16). bf16 keeps a bf16
-  buffer: bf16 has fp32's exponent range, and multiplying by the scale afterwards costs one
-  rounding. (Fresh, since the custom op's output may not alias its input: one more dS-sized
-  buffer during backward than an in-place scale, and retain_graph double backward works.)
+  (for fp16: one fused multiply-and-round from the fp32 buffer into a fresh fp16 tensor). bf16
+  keeps a bf16 buffer: bf16 has fp32's exponent range, and multiplying by the scale afterwards
+  costs one rounding. On CPU, eager, a dS of the input's dtype is scaled in place on the
+  first backward (a fresh 200 MB buffer page-faults for ~110 ms), and a second backward
+  through a retained graph scales it by the ratio into a fresh tensor
+  (`_custom_op.scaled_grad_buffer`).
 
 Paths (`choose_backend`; SELFSUP_KERNELS forces one):
 - "triton": four tile-parallel kernels, each launched under the tensors' device guard.
@@ -80,7 +82,8 @@ from ._custom_op import (
     fused_op,
     join_temperature,
     placeholder,
-    scale_grad,
+    save_grad_buffer,
+    scaled_grad_buffer,
     split_temperature,
 )
 from ._registry import KernelConfig, register_kernel
@@ -738,17 +741,20 @@ def _setup_context(ctx, inputs, output):
     if backend == "triton":
         ctx.save_for_backward(student_out, teacher_out, *output[3:8])
     else:
-        ctx.save_for_backward(output[8])
-    ctx.mark_non_differentiable(output[1], output[2])
+        save_grad_buffer(ctx, output[8])
+    # only the loss is differentiable; without this autograd would zero-fill a gradient for
+    # every other output (a (V*B, K) fill for dS: ~90 ms on CPU at B64 2+10 K65536)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_unused):
-    if not ctx.needs_input_grad[0]:
+    if not ctx.needs_input_grad[0] or grad_loss is None:
         return (None,) * 10
     if ctx.backend == "triton":
         ds = _dino_bwd_op(*ctx.saved_tensors, grad_loss)
     else:
-        ds = scale_grad(ctx.saved_tensors[0], grad_loss, ctx.dtype)  # a fresh dS
+        ds = scaled_grad_buffer(ctx, grad_loss, ctx.dtype)
     return ds, *([None] * 9)
 
 

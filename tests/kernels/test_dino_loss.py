@@ -208,8 +208,9 @@ def test_finite_differences(seed, backend, path):
 @pytest.mark.parametrize("path", PATHS)
 def test_plain_backward_and_teacher_gets_no_grad(seed, backend, path):
     """loss.backward() fills .grad of the student only. A second backward through the same
-    graph gives the same gradient again: Triton recomputes dS, the portable path scales its
-    saved dS into a fresh tensor (a custom op's output never aliases its input)."""
+    graph gives the same gradient again: Triton recomputes dS; the portable path scaled its
+    saved dS in place on the first backward (CPU) and scales it by the ratio of the upstream
+    gradients into a fresh tensor on the next (`_custom_op.scaled_grad_buffer`)."""
     backend(path)
     s, t, c = make(4, 2, 3, 50)
     t.requires_grad_()

@@ -372,19 +372,23 @@ def test_validation_errors_name_the_argument():
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_masked_patch_loss_repeated_backward(seed, backend, backend_name):
-    """Every backward through a retained graph scales the saved gradient into a fresh tensor
-    (the custom op's output never aliases its input), so each one is right, even after an
-    upstream gradient of 0."""
+    """Every backward through a retained graph is right, even after an upstream gradient of 0,
+    and never changes an earlier result: the first scales the saved gradient in place (CPU),
+    later ones scale it by the ratio into a fresh tensor (`_custom_op.scaled_grad_buffer`)."""
     backend(backend_name)
     _, _, mask = M.random_masking(B, 6, 0.5)
     imgs = torch.randn(B, 3, 32, 48, dtype=torch.float64)
     pred = torch.randn(B, 6, 768, dtype=torch.float64, requires_grad=True)
     loss = M.masked_patch_loss(pred, imgs, mask, 16)
     (ref,) = grads(M.masked_patch_loss_ref(pred, imgs, mask, 16), (pred,), None)
-    for up in (1.7, -0.3):
+    out = []
+    for up in (1.7, -0.3, 2.5):
         (g,) = torch.autograd.grad(loss, pred, torch.tensor(up, dtype=torch.float64),
                                    retain_graph=True)
+        out.append((g, g.clone(), up))
+    for g, first_value, up in out:
         torch.testing.assert_close(g, ref * up, **TOL64)
+        assert torch.equal(g, first_value)  # a later backward left it alone
     loss = M.masked_patch_loss(pred, imgs, mask, 16)
     torch.autograd.grad(loss, pred, torch.tensor(0.0, dtype=torch.float64), retain_graph=True)
     torch.testing.assert_close(torch.autograd.grad(loss, pred)[0], ref, **TOL64)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .._custom_op import fused_op, placeholder, scale_grad
+from .._custom_op import fused_op, placeholder, save_grad_buffer, scaled_grad_buffer
 from ._checks import _acc_dtype, _check_ids_range, grad_buffer_dtype
 from ._launch import (
     _empty_like_layout,
@@ -180,18 +180,17 @@ def _loss_fwd_op(pred: Tensor, imgs: Tensor, mask: Tensor, patch_size: int, norm
 
 def _loss_setup(ctx, inputs, output):
     ctx.dtype = inputs[0].dtype
-    ctx.save_for_backward(output[1])
+    save_grad_buffer(ctx, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else a pred-sized zero fill for the grad output
 
 
 def _loss_backward(ctx, g, _grad_of_grad):
     # the upstream gradient (GradScaler's scale) meets the fp32 d pred before its one rounding
-    # to fp16/bf16, into a fresh tensor (an op's output never aliases its input; a retained
-    # graph can run this again)
-    (grad,) = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
+    # to fp16/bf16 (a fresh tensor); eager CPU fp32/fp64 is scaled in place (`_custom_op`)
+    if not ctx.needs_input_grad[0] or g is None:
         return (None,) * 7
-    return scale_grad(grad, g, ctx.dtype), None, None, None, None, None, None
+    return scaled_grad_buffer(ctx, g, ctx.dtype), None, None, None, None, None, None
 
 
 _loss_fwd_op.register_autograd(_loss_backward, setup_context=_loss_setup)
