@@ -375,7 +375,7 @@ def _write(text: str, out: str) -> None:
         Path(out).write_text(text)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--before", default=BEFORE, help="old commit (default %(default)s)")
@@ -391,7 +391,7 @@ def main() -> None:
     ap.add_argument("--from-json", nargs="+", metavar="JSON",
                     help="no timing: render the report from earlier --json runs (partial runs "
                          "with --only combine; a later file's case replaces an earlier one's)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.worker:
         return worker()
     if args.from_json:
