@@ -338,11 +338,23 @@ class Loader:
             yield views, torch.from_numpy(labels)
 
 
+_END = object()
+
+
 def _prefetch(make_batch, n: int, depth: int = 2):
     """Yield make_batch(0..n-1), computed `depth` batches ahead in a background thread.
 
     Order and content are unchanged (batch i is a pure function of i); torch and Pillow
     release the GIL, so the next batch is built while the caller trains on this one."""
+    return background((make_batch(i) for i in range(n)), depth, "selfsup-prefetch")
+
+
+def background(items, depth: int, name: str = "selfsup-background"):
+    """Yield `items` (any iterable), drawn `depth` ahead by a daemon thread of that `name`.
+
+    An exception raised while drawing is re-raised here, after the items before it; closing
+    this generator early (break, error) stops the thread, which never blocks on a full queue
+    nobody reads."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -357,19 +369,22 @@ def _prefetch(make_batch, n: int, depth: int = 2):
 
     def work():
         try:
-            for i in range(n):
-                if not put((True, make_batch(i))):
+            for item in items:
+                if not put((True, item)):
                     return
+            put((True, _END))
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             put((False, e))
 
-    t = threading.Thread(target=work, daemon=True, name="selfsup-prefetch")
+    t = threading.Thread(target=work, daemon=True, name=name)
     t.start()
     try:
-        for _ in range(n):
+        while True:
             ok, item = q.get()
             if not ok:
                 raise item
+            if item is _END:
+                return
             yield item
     finally:
         stop.set()

@@ -21,12 +21,9 @@
 
 from __future__ import annotations
 
-import queue
-import threading
-
 import torch
 
-_END = object()
+from ..data.loader import background
 
 
 def pin_views(views: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -55,44 +52,11 @@ class DevicePrefetcher:
     # ---------------------------------------------------------------- host side
     def _host_batches(self):
         """The loader's batches (pinned when asked), `depth` ahead in a thread."""
+        pinned = (((pin_views(views) if self.pin else views), labels)
+                  for views, labels in self.batches)
         if self.depth == 0:
-            for views, labels in self.batches:
-                yield (pin_views(views) if self.pin else views), labels
-            return
-        q: queue.Queue = queue.Queue(maxsize=self.depth)
-        stop = threading.Event()
-
-        def put(item) -> bool:  # False once the consumer has gone
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work():
-            try:
-                for views, labels in self.batches:
-                    if not put((True, ((pin_views(views) if self.pin else views), labels))):
-                        return
-                put((True, _END))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-                put((False, e))
-
-        t = threading.Thread(target=work, daemon=True, name="selfsup-device-prefetch")
-        t.start()
-        try:
-            while True:
-                ok, item = q.get()
-                if not ok:
-                    raise item
-                if item is _END:
-                    return
-                yield item
-        finally:
-            stop.set()
-            t.join()
+            return pinned
+        return background(pinned, self.depth, "selfsup-device-prefetch")
 
     # ---------------------------------------------------------------- device side
     def _to_device(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
