@@ -81,6 +81,8 @@ class Config:
     freeze_last_layer_epochs: float | None = None  # DINO: last head layer frozen this long
     norm_last_layer: bool | None = None  # DINO: the head's last layer keeps unit-norm rows
     center_momentum: float | None = None  # DINO center EMA
+    centering: str | None = None  # DINO teacher: center (EMA) | sinkhorn (DINOv2); None: preset
+    koleo_weight: float | None = None  # DINOv2 KoLeo regulariser weight (paper 0.1)
     mask_ratio: float | None = None  # MAE
     norm_pix: bool | None = None  # MAE normalized-pixel target
     decoder_dim: int | None = None  # MAE decoder width
@@ -161,6 +163,7 @@ CHOICES = {
     "clip_mode": ("global", "per-param"),
     "vit_init": ("xavier", "trunc_normal"),
     "interp": ("linear", "cubic"),
+    "centering": ("center", "sinkhorn"),
 }
 
 
