@@ -15,6 +15,7 @@ from ._triton import HAS_TRITON
 from ._utils import BACKENDS, choose_backend
 from .barlow_twins import barlow_twins_loss, barlow_twins_loss_ref
 from .dino_loss import DINOLoss, dino_loss, dino_loss_ref, teacher_temp_schedule
+from .ibot import ibot_patch_loss, ibot_patch_loss_ref, iBOTPatchLoss
 from .info_nce import (
     MoCoQueue,
     info_nce_batch,
@@ -80,6 +81,9 @@ __all__ = [
     "swav_loss",
     "swav_loss_ref",
     # DINOv2
+    "iBOTPatchLoss",
+    "ibot_patch_loss",
+    "ibot_patch_loss_ref",
     "koleo_loss",
     "koleo_loss_ref",
 ]
