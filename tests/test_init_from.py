@@ -158,7 +158,8 @@ def test_dinov2_layout_with_registers_and_layer_scale(tmp_path):
     assert "blocks.1.11.mlp.fc2.weight" in file and "register_tokens" in file
     path = tmp_path / "dinov2.pth"
     torch.save(file, path)
-    assert set(to_our_names(file)) == set(src.state_dict())
+    # mask_token stays in the mapping: load_backbone drops it for a model without one
+    assert set(to_our_names(file)) == set(src.state_dict()) | {"mask_token"}
     cfg, method = build("dino", tmp_path, "--init-from", str(path), "--registers", "2",
                         "--layer-scale", "1e-5")
     apply_init_from(method, cfg)

@@ -93,6 +93,13 @@ class Config:
     sinkhorn_eps: float | None = None  # SwAV Sinkhorn-Knopp epsilon (paper 0.05)
     sinkhorn_iters: int | None = None  # SwAV Sinkhorn-Knopp iterations (paper 3)
     queue_start_epochs: float | None = None  # SwAV: the queue joins the codes from this epoch
+    mask_ratio_range: tuple[float, float] | None = None  # iBOT block-mask ratio range (0.1 0.5)
+    mask_probability: float | None = None  # iBOT / DINOv2: chance an image is masked (0.5)
+    patch_out_dim: int | None = None  # iBOT patch head width (8192; a shared head: = out_dim)
+    separate_patch_head: bool | None = None  # iBOT: a head of its own for the patch tokens
+    patch_loss_weight: float | None = None  # iBOT lambda2, the masked-patch loss weight (1.0)
+    teacher_patch_temp: float | None = None  # iBOT patch teacher temperature after warm-up
+    warmup_teacher_patch_temp: float | None = None  # iBOT patch teacher temperature at step 0
     # ---------------------------------------------------------------- augmentation
     crop_scale: tuple[float, float] | None = None  # random-resized-crop area (DINO: global)
     local_crop_scale: tuple[float, float] | None = None  # DINO local crops (paper 0.05 0.4)
@@ -147,7 +154,7 @@ class Config:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         d = dict(d)
         for key in ("betas", "crop_scale", "local_crop_scale", "lr_milestones",
-                    "vicreg_weights"):  # JSON: lists
+                    "vicreg_weights", "mask_ratio_range"):  # JSON: lists
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)

@@ -8,7 +8,11 @@ and its keys may be in any of three layouts, mapped onto ours before loading:
 - our export (`python -m selfsup.export`) and timm: our names already (timm's ViT names,
   `reg_token`, `blocks.N.ls{1,2}.gamma`; torchvision's for a ResNet);
 - DINOv2's: `register_tokens` -> `reg_token`, chunked blocks `blocks.C.N.*` -> `blocks.N.*`,
-  and `mask_token` (iBOT's masked-patch embedding, not part of a backbone) dropped.
+  and `mask_token` (1, D) -> (1, 1, D).
+
+`mask_token` (iBOT's masked-patch embedding, a pre-training parameter) is optional both ways:
+loaded into a model built with one (ibot, dinov2), dropped for a model without, and a file
+without one (our export, timm) leaves the model's fresh token as it is.
 
 A leading `module.` / `_orig_mod.` (DDP, torch.compile) and a `backbone.` / `encoder.` prefix
 on every key are stripped; classifier keys (`head.*`, `fc.*`, `fc_norm.*`) are dropped; a ViT
@@ -36,7 +40,7 @@ from ..models import ResNet, VisionTransformer, load_backbone_state_dict
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _OWNER_PREFIXES = ("backbone.", "encoder.")
 _CLASSIFIER_PREFIXES = ("head.", "fc.", "fc_norm.", "head_drop.")
-_DROPPED = ("mask_token",)  # DINOv2 / iBOT: the masked-patch token, a method parameter
+_OPTIONAL = "mask_token"  # DINOv2 / iBOT: the masked-patch token (module doc)
 _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+\.)")  # DINOv2's BlockChunk: blocks.C.N.
 
 
@@ -71,10 +75,12 @@ def to_our_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out = {k[len(prefix):]: v for k, v in out.items()}
     mapped = {}
     for k, v in out.items():
-        if k.startswith(_CLASSIFIER_PREFIXES) or k in _DROPPED:
+        if k.startswith(_CLASSIFIER_PREFIXES):
             continue
         if k == "register_tokens":
             k = "reg_token"
+        if k == _OPTIONAL and v.dim() == 2:  # DINOv2 keeps it as (1, D)
+            v = v.unsqueeze(0)
         mapped[_CHUNKED.sub(r"blocks.\1", k)] = v
     return mapped
 
@@ -87,6 +93,11 @@ def _listing(keys: list[str], n: int = 12) -> str:
 def load_backbone(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "file") -> None:
     """Load a mapped state_dict into one backbone; ValueError naming mismatched keys."""
     own = model.state_dict()
+    sd = dict(sd)
+    if _OPTIONAL not in own:
+        sd.pop(_OPTIONAL, None)
+    elif _OPTIONAL not in sd:  # the file has none: the model keeps its fresh token
+        sd[_OPTIONAL] = own[_OPTIONAL]
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     if missing or unexpected:

@@ -30,12 +30,13 @@ def build_backbone(name: str, *, img_size: int | tuple[int, int] = 224,
                    frozen_patch_embed: bool = False, pos_embed: str = "sincos",
                    cifar_stem: bool = False, drop_path: float = 0.0, init: str = "xavier",
                    zero_init_residual: bool = False, registers: int = 0,
-                   layer_scale: float | None = None) -> nn.Module:
+                   layer_scale: float | None = None, mask_token: bool = False) -> nn.Module:
     """The backbone `name` without a classifier; `.feature_dim` is its output width.
 
     ViT-only options (patch_size, attn, frozen_patch_embed, pos_embed, drop_path: the
     stochastic-depth rate of the last block, init: "xavier" (MAE, MoCo v3) or "trunc_normal"
-    (DINO), registers: DINOv2 register tokens, layer_scale: LayerScale init or None) and the
+    (DINO), registers: DINOv2 register tokens, layer_scale: LayerScale init or None,
+    mask_token: iBOT's learned mask token for forward_features(mask=)) and the
     ResNet-only cifar_stem and zero_init_residual (each block's last BN
     gamma 0: MoCo v3, SimSiam) raise a ValueError when set to a non-default value for the
     other family, rather than being dropped silently.
@@ -48,14 +49,15 @@ def build_backbone(name: str, *, img_size: int | tuple[int, int] = 224,
         return VisionTransformer.from_name(
             key, img_size=img_size, in_chans=in_chans, attn=attn, pos_embed=pos_embed,
             frozen_patch_embed=frozen_patch_embed, drop_path=drop_path, init=init,
-            registers=registers, layer_scale=layer_scale,
+            registers=registers, layer_scale=layer_scale, mask_token=mask_token,
             **({} if patch_size is None else {"patch_size": patch_size}))
     if key in RESNET_ARCHS:
         vit_only = dict(patch_size=patch_size, attn=attn, frozen_patch_embed=frozen_patch_embed,
                         pos_embed=pos_embed, drop_path=drop_path, init=init,
-                        registers=registers, layer_scale=layer_scale)
+                        registers=registers, layer_scale=layer_scale, mask_token=mask_token)
         defaults = dict(patch_size=None, attn=None, frozen_patch_embed=False, pos_embed="sincos",
-                        drop_path=0.0, init="xavier", registers=0, layer_scale=None)
+                        drop_path=0.0, init="xavier", registers=0, layer_scale=None,
+                        mask_token=False)
         bad = [k for k, v in vit_only.items() if v != defaults[k]]
         if bad:
             raise ValueError(f"{', '.join(bad)} apply to ViTs only, not {name!r}")

@@ -51,7 +51,9 @@ def export_timm_state_dict(vit: nn.Module) -> dict[str, torch.Tensor]:
     vit = _unwrap(vit)
     if not isinstance(vit, VisionTransformer):
         raise ValueError(f"vit must be a selfsup VisionTransformer, got {type(vit).__name__}")
-    sd = vit.state_dict()
+    # timm's ViT has no mask token: iBOT's is a pre-training parameter, not part of the
+    # features, so the export leaves it out (--init-from keeps a model's own fresh one)
+    sd = {k: v for k, v in vit.state_dict().items() if k != "mask_token"}
     expected = timm_vit_keys(len(vit.blocks), registers=vit.num_registers,
                              layer_scale=vit.layer_scale is not None)
     if set(sd) != set(expected):  # a model change that would silently break timm loading

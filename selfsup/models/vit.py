@@ -27,6 +27,12 @@ multiplies each residual branch by a learned per-channel gamma initialised to v 
 added: x += ls1(attn(norm1(x))); x += ls2(mlp(norm2(x))). timm/DINOv2 names: `reg_token`
 (1, R, D), `blocks.N.ls1.gamma`, `blocks.N.ls2.gamma`; with the defaults (0, None) neither
 exists and the model is today's, bit for bit.
+
+iBOT / DINOv2 masked image modelling: built with `mask_token=True` the model has a learned
+`mask_token` (1, 1, D) (zeros at init, as iBOT's and DINOv2's), and forward_features(x,
+mask=M) with M (B, L) bool (True = masked) puts it in place of the masked patch embeddings
+BEFORE the position embedding is added, so a masked token still knows where it is (iBOT's
+order). Without the flag there is no such key, and mask=None is today's path, bit for bit.
 """
 
 from __future__ import annotations
@@ -244,6 +250,7 @@ class VisionTransformer(nn.Module):
             trunc-normal std 0.02, the patch projection keeps torch's Conv2d default).
         registers: R register tokens after the cls token (module doc: token layout).
         layer_scale: LayerScale init value on both residual branches, or None (off).
+        mask_token: a learned `mask_token` for forward_features(mask=) (module doc: iBOT).
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16,
@@ -251,7 +258,7 @@ class VisionTransformer(nn.Module):
                  mlp_ratio: float = 4.0, *, qkv_bias: bool = True, pos_embed: str = "sincos",
                  frozen_patch_embed: bool = False, attn: str | None = None,
                  drop_path: float = 0.0, init: str = "xavier", registers: int = 0,
-                 layer_scale: float | None = None) -> None:
+                 layer_scale: float | None = None, mask_token: bool = False) -> None:
         super().__init__()
         if isinstance(registers, bool) or not isinstance(registers, int) or registers < 0:
             raise ValueError(f"registers must be an int >= 0, got {registers!r}")
@@ -288,6 +295,8 @@ class VisionTransformer(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
             if registers:  # timm's name; absent when 0 so the state_dict is today's
                 self.reg_token = nn.Parameter(torch.zeros(1, registers, embed_dim))
+            if mask_token:  # DINOv2's name; absent otherwise so exports keep timm's keys
+                self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
             if pos_embed == "sincos":
                 self.register_buffer("pos_embed", torch.zeros(1, 1 + self.num_patches, embed_dim))
             else:
@@ -325,6 +334,8 @@ class VisionTransformer(nn.Module):
             cut = 0.04
         if self.num_registers:  # as the cls token: both are learned, position-free tokens
             nn.init.trunc_normal_(self.reg_token, std=0.02, a=-cut, b=cut)
+        if self.has_mask_token:  # zeros, as iBOT's masked_embed and DINOv2's mask_token
+            nn.init.zeros_(self.mask_token)
         for m in self.modules():
             if isinstance(m, LayerScale):
                 nn.init.constant_(m.gamma, m.init_value)
@@ -356,11 +367,32 @@ class VisionTransformer(nn.Module):
                                                     dtype=key[2])
         return self._pos_cache[key]
 
-    def _tokens(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch tokens + pos, optionally only `ids_keep`, with the cls token (and the
-        registers, never masked) in front: (B, 1 + R + L or L_keep, D)."""
+    @property
+    def has_mask_token(self) -> bool:
+        return "mask_token" in self._parameters
+
+    def _mask_tokens(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) patch embeddings -> the mask token where mask (B, L) is True."""
+        if not self.has_mask_token:
+            raise ValueError("mask needs a model built with mask_token=True")
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(f"mask must be a (B, L) = {tuple(tokens.shape[:2])} bool tensor, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        # a host mask (drawn on the CPU) is copied without waiting for the device
+        mask = mask.to(tokens.device, non_blocking=True).unsqueeze(-1)
+        return torch.where(mask, self.mask_token.to(tokens.dtype), tokens)
+
+    def _tokens(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens + pos, optionally only `ids_keep` or with the `mask`ed ones replaced
+        by the mask token, with the cls token (and the registers, never masked) in front:
+        (B, 1 + R + L or L_keep, D)."""
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         tokens = self.patch_embed(x)  # (B, L, D)
+        if mask is not None:
+            if ids_keep is not None:
+                raise ValueError("pass ids_keep (MAE: drop tokens) or mask (iBOT), not both")
+            tokens = self._mask_tokens(tokens, mask)  # before pos: iBOT's order
         pos = self.pos_embed_for(grid)
         if ids_keep is None:
             tokens = tokens + pos[:, 1:]
@@ -396,10 +428,12 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------------- API
     def forward_features(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None, *,
-                         keep_registers: bool = False) -> torch.Tensor:
+                         keep_registers: bool = False,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) [, ids_keep (B, L_keep)] -> (B, 1 + L or 1 + L_keep, D) after norm;
-        with keep_registers the R register rows stay, after the cls row."""
-        out = self.norm(self._run_blocks(self._tokens(x, ids_keep), self.blocks))
+        with keep_registers the R register rows stay, after the cls row. mask (B, L) bool
+        (CPU or device): those patches enter as the mask token (module doc: iBOT)."""
+        out = self.norm(self._run_blocks(self._tokens(x, ids_keep, mask), self.blocks))
         return out if keep_registers else self.drop_registers(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D)

@@ -11,6 +11,7 @@ the standard library's `ssl`.
 from .barlowtwins import BarlowTwins
 from .byol import BYOL
 from .dino import DINO
+from .ibot import IBOT
 from .mae import MAE
 from .moco import MoCo, MoCoV1
 from .mocov3 import MoCoV3
@@ -27,11 +28,12 @@ METHODS = {
     "byol": BYOL,
     "simclr": SimCLR,
     "dino": DINO,
+    "ibot": IBOT,
     "mae": MAE,
     "barlowtwins": BarlowTwins,
     "vicreg": VICReg,
     "swav": SwAV,
 }
 
-__all__ = ["METHODS", "BarlowTwins", "BYOL", "DINO", "MAE", "MoCo", "MoCoV1", "MoCoV3", "SimCLR",
+__all__ = ["METHODS", "BarlowTwins", "BYOL", "DINO", "IBOT", "MAE", "MoCo", "MoCoV1", "MoCoV3", "SimCLR",
            "SimSiam", "SwAV", "VICReg"]
