@@ -15,6 +15,14 @@ frozen during the first epoch. ViT student: stochastic depth 0.1 (the teacher no
 trunc-normal 0.02 init, bicubic crops. ResNet: SyncBatchNorm under DDP on CUDA. Collapse
 shows as a loss stuck at ln K (uniform) or a teacher entropy -> 0 (one prototype): both are
 logged.
+
+--centering sinkhorn (DINOv2, Oquab et al. 2023): P_t = Sinkhorn-Knopp of the teacher logits
+over the global batch (epsilon = tau_t, 3 iterations), no center EMA. `sinkhorn_center`
+gives it as a center of the same fused loss (derivation there).
+
+Under torch.compile(fullgraph=True) the whole forward is one graph that does not recompile
+as training advances: the teacher temperature and the logged momentum are computed on the
+device from the `step` buffer (no host read, no Python number that changes per step).
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ from typing import ClassVar
 
 import torch
 
+from .. import dist
 from ..kernels import DINOLoss, teacher_temp_schedule
+from ..kernels.dino_loss import _dino_loss_with_stats
 from ..models.heads import DINOHead
 from .common import (
     Method,
@@ -37,7 +47,62 @@ from .common import (
     split_decay,
 )
 
+CENTERINGS = ("center", "sinkhorn")
 
+
+# ----------------------------------------------------------------------------- Sinkhorn
+def _lse_over_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> (K,) logsumexp over the rows of every rank (x is overwritten). The max is
+    per column: a prototype far from every sample would underflow under a global max."""
+    m = x.amax(0)
+    if dist.is_dist():
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX)
+    s = dist.all_reduce_sum(x.sub_(m).exp_().sum(0))
+    return m + s.log()
+
+
+@torch.no_grad()
+def sinkhorn_center(logits: torch.Tensor, temperature, n_iters: int = 3) -> torch.Tensor:
+    """A (1, K) center c with softmax((logits - c) / temperature) == sinkhorn_knopp(logits,
+    temperature, n_iters): DINOv2's Sinkhorn-Knopp teacher, fed to the centered DINO / iBOT
+    losses unchanged.
+
+    Why a center: Sinkhorn-Knopp scales Q = exp(logits / eps) by a factor per prototype k
+    (row normalisations) and one per sample b (column normalisations, the last one making
+    each sample's codes sum to 1), so Q_bk = exp(logits_bk / eps) r_k c_b with
+    sum_k Q_bk = 1, i.e. Q_b = softmax_k(logits_bk / eps + log r_k): the center
+    -eps log r_k (the per-sample factor is the softmax's own normalisation). Iterating on
+    log r and log c (logsumexp) is exact in fp32 where exp(logits / eps) itself under- and
+    overflows (SwAV's sinkhorn_knopp pays float64 for that); the fused loss then reads the
+    logits in their own dtype, as with the EMA center: no (N, K) probability tensor is
+    stored. The sums over samples are all-reduced (each rank gets the center of one process
+    on the concatenated batch); the per-sample sums are local.
+
+    Args:
+        logits: (N, K) teacher logits of this rank (all global crops together).
+        temperature: epsilon = the teacher temperature: a float or a 0-d tensor.
+        n_iters: alternating normalisations (DINOv2: 3).
+    Returns:
+        (1, K) center, float64 for float64 logits, else float32.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or 0 in logits.shape:
+        raise ValueError(f"sinkhorn_center: logits must be a non-empty 2-D (N, K) tensor, "
+                         f"got {getattr(logits, 'shape', type(logits).__name__)}")
+    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
+        raise ValueError(f"sinkhorn_center: n_iters must be an int >= 1, got {n_iters!r}")
+    if not isinstance(temperature, torch.Tensor) and not temperature > 0:
+        raise ValueError(f"sinkhorn_center: temperature must be > 0, got {temperature!r}")
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.detach().to(acc) / temperature
+    log_c = None  # per-sample log factors; the first row normalisation sees none
+    for it in range(n_iters):
+        log_r = -_lse_over_rows(z.clone() if log_c is None else z + log_c[:, None])
+        if it < n_iters - 1:
+            log_c = -torch.logsumexp(z + log_r, dim=1)
+    return (-temperature * log_r).reshape(1, -1)
+
+
+# ----------------------------------------------------------------------------- method
 class DINO(Method):
     recipe: ClassVar[str] = "dino"
     sync_bn: ClassVar[bool] = True  # official DINO converts ResNet student and teacher
@@ -55,22 +120,24 @@ class DINO(Method):
         self.criterion = DINOLoss(cfg.out_dim, student_temp=cfg.temperature,
                                   teacher_temp=cfg.teacher_temp,
                                   center_momentum=cfg.center_momentum, n_global=2)
+        self.centering = cfg.centering or "center"
+        if self.centering not in CENTERINGS:
+            raise ValueError(f"--centering must be one of {', '.join(CENTERINGS)}, got "
+                             f"{cfg.centering!r}")
+        self.sinkhorn_iters = cfg.sinkhorn_iters or 3  # DINOv2's 3
         spe, total = cfg.extra["steps_per_epoch"], cfg.extra["schedule_steps"]
         warm = min(total, round(cfg.warmup_teacher_temp_epochs * spe))
-        self.teacher_temps = teacher_temp_schedule(total, warm, cfg.warmup_teacher_temp,
-                                                   cfg.teacher_temp)
+        # Schedules as device buffers indexed by the `step` buffer: forward reads neither on
+        # the host (a sync per step) nor as a Python number (a recompile per step under
+        # torch.compile). Not persistent: rebuilt from the config, old checkpoints load.
+        temps = teacher_temp_schedule(total, warm, cfg.warmup_teacher_temp, cfg.teacher_temp)
+        self.register_buffer("teacher_temps", temps.float(), persistent=False)
         self.freeze_steps = round(cfg.freeze_last_layer_epochs * spe)
         self.base_momentum = self.momentum = cfg.ema_momentum
-        # The step lives in a buffer so a resumed run picks the right teacher temperature;
-        # forward reads a Python copy (reading the buffer would sync the device every step),
-        # re-read from the buffer once after a load_state_dict.
+        self.total_steps = total
+        # the optimizer steps taken: saved with the model, so a resumed run continues the
+        # teacher temperature where it stopped
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._step: int | None = 0
-        self.register_load_state_dict_post_hook(DINO._forget_step)
-
-    @staticmethod
-    def _forget_step(module, incompatible_keys) -> None:
-        module._step = None
 
     @classmethod
     def preset(cls, arch):
@@ -80,19 +147,44 @@ class DINO(Method):
                     temperature=0.1, warmup_teacher_temp=0.04, teacher_temp=0.07,
                     warmup_teacher_temp_epochs=30, ema_momentum=0.996, out_dim=65536,
                     proj_hidden=2048, proj_dim=256, n_local=8, freeze_last_layer_epochs=1,
-                    center_momentum=0.9, norm_last_layer=True, **vit)
+                    center_momentum=0.9, norm_last_layer=True, centering="center", **vit)
+
+    # ------------------------------------------------------------------ per-step values
+    def teacher_temp_now(self) -> torch.Tensor:
+        """This step's teacher temperature, a 0-d device tensor (index_select, not [step]:
+        indexing with a 0-d integer tensor reads it on the host)."""
+        i = self.step.clamp(max=len(self.teacher_temps) - 1).reshape(1)
+        return self.teacher_temps.index_select(0, i).reshape(())
+
+    def momentum_now(self) -> torch.Tensor:
+        """The EMA momentum of the last update (common.momentum_at of `step`), on the device:
+        only logged."""
+        if self.total_steps <= 1:
+            return torch.full((), self.base_momentum, device=self.step.device)
+        t = self.step.clamp(0, self.total_steps - 1).float() / (self.total_steps - 1)
+        return 1.0 - (1.0 - self.base_momentum) * (torch.cos(math.pi * t) + 1) / 2
+
+    # ------------------------------------------------------------------ the loss
+    def distill_loss(self, s: torch.Tensor, t: torch.Tensor, tau_t: torch.Tensor,
+                     ) -> tuple[torch.Tensor, dict]:
+        """DINO's loss of student logits s (V*B, K) against teacher logits t (2*B, K), with
+        the --centering of the teacher, and its collapse statistics (device tensors)."""
+        if self.centering == "center":
+            loss = self.criterion(s, t, teacher_temp=tau_t)  # updates the EMA center
+            return loss, dict(self.criterion.last_stats)
+        c = sinkhorn_center(t, tau_t, self.sinkhorn_iters)
+        loss, ent, _ = _dino_loss_with_stats(s, t, c, student_temp=self.criterion.student_temp,
+                                             teacher_temp=tau_t, n_global=2)
+        ent = ent.detach()
+        return loss, {"teacher_entropy": ent, "kl": loss.detach() - ent}
 
     def forward(self, views: list[torch.Tensor]) -> dict:
         s = multicrop_forward(self.backbone, self.head, views)
         with torch.no_grad():
             t = self.t_head(self.t_backbone(torch.cat(views[:2])))
-        if self._step is None:  # once after a resume
-            self._step = int(self.step)
-        tau_t = float(self.teacher_temps[min(self._step, len(self.teacher_temps) - 1)])
-        loss = self.criterion(s, t, teacher_temp=tau_t)
-        stats = self.criterion.last_stats
-        return {"loss": loss, "teacher_entropy": stats["teacher_entropy"], "kl": stats["kl"],
-                "teacher_temp": tau_t, "momentum": self.momentum,
+        tau_t = self.teacher_temp_now()
+        loss, stats = self.distill_loss(s, t, tau_t)
+        return {"loss": loss, **stats, "teacher_temp": tau_t, "momentum": self.momentum_now(),
                 "uniform_loss": math.log(self.criterion.out_dim)}
 
     def param_groups(self, cfg) -> list[dict]:
@@ -111,7 +203,6 @@ class DINO(Method):
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
         self.step.fill_(step + 1)
-        self._step = step + 1
         self.momentum = momentum_at(self.base_momentum, step + 1, total_steps)
         ema_update(self.t_backbone, self.backbone, self.momentum)
         ema_update(self.t_head, self.head, self.momentum)
