@@ -90,11 +90,17 @@ def test_sinkhorn_center_is_exact_in_fp32_where_exp_overflows(seed, dtype):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def test_sinkhorn_center_of_no_rows_is_finite():
+    # no masked patch in the batch (DINOv2 masks half the images): the loss over 0 rows is 0
+    c = sinkhorn_center(torch.randn(0, 6), 0.04)
+    assert c.shape == (1, 6) and torch.equal(c, torch.zeros(1, 6))
+
+
 def test_sinkhorn_center_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="logits"):
         sinkhorn_center(torch.randn(3), 0.04)
     with pytest.raises(ValueError, match="logits"):
-        sinkhorn_center(torch.randn(0, 4), 0.04)
+        sinkhorn_center(torch.randn(4, 0), 0.04)
     with pytest.raises(ValueError, match="n_iters"):
         sinkhorn_center(torch.randn(3, 4), 0.04, 0)
     with pytest.raises(ValueError, match="temperature"):
@@ -185,7 +191,9 @@ def _rank_main(rank, path, init_file, out_dir):
     try:
         s, t = global_batch()
         out = loss_and_grad(rows_of(s, V, rank), rows_of(t, 2, rank))
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+        # a rank without rows (no masked patch) joins the sums: rank 0 holds them all
+        lonely = sinkhorn_center(t if rank == 0 else t[:0], TAU_T, 3)
+        torch.save((*out, lonely), Path(out_dir) / f"rank{rank}.pt")
     finally:
         tdist.destroy_process_group()
 
@@ -203,12 +211,13 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(path, tmp_path, m
     loss, grad, center = loss_and_grad(s, t)
     torch.testing.assert_close(loss, sinkhorn_loss_ref(s, t, TAU_S, TAU_T), **TOL64)
     # each rank's teacher = the global Sinkhorn codes of its rows: the same center everywhere
-    for r, (_, _, c) in enumerate(ranks):
+    for r, (_, _, c, lonely) in enumerate(ranks):
         torch.testing.assert_close(c, center, **TOL64, msg=f"rank {r}")
+        torch.testing.assert_close(lonely, center, **TOL64, msg=f"rank {r}, rows on rank 0")
     # a rank's loss is the mean over its rows: the rank mean is the global loss, and its
     # gradient WORLD x the global one (DDP's averaging gives the global gradient)
     torch.testing.assert_close(sum(r[0] for r in ranks) / WORLD, loss, **TOL64)
-    for r, (_, g, _) in enumerate(ranks):
+    for r, (_, g, _, _) in enumerate(ranks):
         torch.testing.assert_close(g, WORLD * rows_of(grad, V, r), **TOL64)
 
 

@@ -53,8 +53,9 @@ CENTERINGS = ("center", "sinkhorn")
 # ----------------------------------------------------------------------------- Sinkhorn
 def _lse_over_rows(x: torch.Tensor) -> torch.Tensor:
     """(N, K) -> (K,) logsumexp over the rows of every rank (x is overwritten). The max is
-    per column: a prototype far from every sample would underflow under a global max."""
-    m = x.amax(0)
+    per column: a prototype far from every sample would underflow under a global max. A rank
+    with no rows (no masked patch) still joins both all-reduces."""
+    m = x.amax(0) if x.shape[0] else x.new_full(x.shape[1:], float("-inf"))
     if dist.is_dist():
         torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX)
     s = dist.all_reduce_sum(x.sub_(m).exp_().sum(0))
@@ -79,14 +80,14 @@ def sinkhorn_center(logits: torch.Tensor, temperature, n_iters: int = 3) -> torc
     on the concatenated batch); the per-sample sums are local.
 
     Args:
-        logits: (N, K) teacher logits of this rank (all global crops together).
+        logits: (N, K) teacher logits of this rank (all global crops together; N may be 0).
         temperature: epsilon = the teacher temperature: a float or a 0-d tensor.
         n_iters: alternating normalisations (DINOv2: 3).
     Returns:
         (1, K) center, float64 for float64 logits, else float32.
     """
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or 0 in logits.shape:
-        raise ValueError(f"sinkhorn_center: logits must be a non-empty 2-D (N, K) tensor, "
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"sinkhorn_center: logits must be a 2-D (N, K) tensor with K >= 1, "
                          f"got {getattr(logits, 'shape', type(logits).__name__)}")
     if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
         raise ValueError(f"sinkhorn_center: n_iters must be an int >= 1, got {n_iters!r}")
@@ -99,6 +100,8 @@ def sinkhorn_center(logits: torch.Tensor, temperature, n_iters: int = 3) -> torc
         log_r = -_lse_over_rows(z.clone() if log_c is None else z + log_c[:, None])
         if it < n_iters - 1:
             log_c = -torch.logsumexp(z + log_r, dim=1)
+    # no rows on any rank (no masked patch anywhere): any finite center, the loss is 0
+    log_r = torch.where(torch.isfinite(log_r), log_r, torch.zeros_like(log_r))
     return (-temperature * log_r).reshape(1, -1)
 
 
