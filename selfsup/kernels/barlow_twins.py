@@ -46,6 +46,7 @@ import math
 import torch
 
 from .. import dist
+from ._custom_op import fused_op
 from ._gram_torch import frob_cross, gram_apply
 from ._gram_triton import gram_dot
 from ._utils import FLOAT_DTYPES, check_same_device, choose_backend, compute_dtype
@@ -79,8 +80,10 @@ def check_pair(z1: object, z2: object, name: str) -> None:
 
 def check_weight(name: str, arg: str, value: object) -> float:
     """The weight as a float, or ValueError unless it is a finite number >= 0."""
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument is
+    # symbolic, and math.isfinite of it breaks the graph (a comparison guards on it instead)
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value < 0:
+            or not (value >= 0 and value != math.inf):  # NaN fails both
         raise ValueError(f"{name}: {arg} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -107,55 +110,104 @@ def barlow_twins_loss_ref(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0
     return on_diag + lambd * off_diag
 
 
-# ----------------------------------------------------------------------------- fused
+# ----------------------------------------------------------------------------- custom ops
+# The loss as `selfsup::barlow_twins_fwd` / `barlow_twins_bwd` (conventions: _custom_op.py,
+# docs/kernels-custom-ops.md). The collectives stay outside both ops, in eager Python: the
+# API all-gathers z before the forward op (g1, g2; None on one process), and the registered
+# backward all-reduces the bwd op's four column sums before the plain-torch BatchNorm
+# backward. An op body never calls torch.distributed, so its fake is exact and compile sees
+# the ops as pure functions of their tensors.
 def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mu = x.mean(0)
     return mu, torch.rsqrt((x - mu).pow(2).mean(0) + EPS)
 
 
-class _BarlowTwins(torch.autograd.Function):
-    """Loss over the (gathered) global batch; gradients of this rank's rows only."""
+def _fwd_fake(z1, z2, g1, g2, lambd, backend, rank, world):
+    cdt = compute_dtype(z1.dtype)
+    d = z1.shape[1]
+    return (z1.new_empty((), dtype=cdt), *(z1.new_empty(d, dtype=cdt) for _ in range(5)))
 
-    @staticmethod
-    def forward(ctx, z1, z2, lambd: float, triton: bool):  # type: ignore[override]
-        cdt = compute_dtype(z1.dtype)
-        g1, g2 = dist.all_gather_nograd(z1), dist.all_gather_nograd(z2)
+
+@fused_op("barlow_twins_fwd", fake=_fwd_fake)
+def _fwd_op(z1: torch.Tensor, z2: torch.Tensor, g1: torch.Tensor | None,
+            g2: torch.Tensor | None, lambd: float, backend: str, rank: int, world: int,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor]:
+    """(loss, mu1, rstd1, mu2, rstd2, diag C) over the gathered batch g (z on one process);
+    z1, z2 are this rank's rows, inputs only so that their gradient is routed (rank, world:
+    where they sit in g, read by backward)."""
+    g1, g2 = (z1, z2) if g1 is None else (g1, g2)
+    cdt = compute_dtype(z1.dtype)
+    with torch.autocast(z1.device.type, enabled=False):  # the GEMMs run in cdt, as eager did
         x1, x2 = g1.to(cdt), g2.to(cdt)
         n, d = x1.shape
         mu1, rs1 = _stats(x1)
         mu2, rs2 = _stats(x2)
         a, b = (x1 - mu1) * rs1, (x2 - mu2) * rs2
         c = (a * b).sum(0) / n
-        if triton and n <= d:  # the fused sweep pays up to N = D (it halves the Gram FLOPs)
+        if backend == "triton" and n <= d:  # the fused sweep pays up to N = D (half the FLOPs)
             frob = gram_dot(g1, mu1, rs1, g2, mu2, rs2)
         else:
             frob = frob_cross(a, b)
         loss = (c - 1).pow(2).sum() + lambd * (frob / (n * n) - c.pow(2).sum())
-        ctx.save_for_backward(g1, g2, mu1, rs1, mu2, rs2, c)
-        ctx.lambd, ctx.n_local, ctx.dtype = lambd, z1.shape[0], z1.dtype
-        return loss
+    return loss, mu1, rs1, mu2, rs2, c
 
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        g1, g2, mu1, rs1, mu2, rs2, c = ctx.saved_tensors
-        lambd, dtype = ctx.lambd, ctx.dtype
-        cdt = c.dtype
+
+def _bwd_fake(g1, g2, mu1, rs1, mu2, rs2, c, lambd, lo, n_local):
+    shape = (n_local, g1.shape[1])
+    return (mu1.new_empty(shape), mu1.new_empty(shape), mu1.new_empty((4, g1.shape[1])))
+
+
+@fused_op("barlow_twins_bwd", fake=_bwd_fake)
+def _bwd_op(g1: torch.Tensor, g2: torch.Tensor, mu1: torch.Tensor, rs1: torch.Tensor,
+            mu2: torch.Tensor, rs2: torch.Tensor, c: torch.Tensor, lambd: float, lo: int,
+            n_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dA, dL/dB of rows lo..lo+n_local, their column sums [dA, dA*A, dB, dB*B]): the
+    Gram products (cuBLAS on every path); the sums still need the all-reduce over ranks."""
+    cdt = c.dtype
+    with torch.autocast(g1.device.type, enabled=False):
         a, b = (g1.to(cdt) - mu1) * rs1, (g2.to(cdt) - mu2) * rs2
-        n, d = a.shape
-        lo = dist.rank() * ctx.n_local if dist.is_dist() else 0
-        a_r, b_r = a[lo:lo + ctx.n_local], b[lo:lo + ctx.n_local]
+        n = a.shape[0]
+        a_r, b_r = a[lo:lo + n_local], b[lo:lo + n_local]
         k = (2 * (c - 1) - 2 * lambd * c) / n
         s = 2 * lambd / (n * n)
         da = b_r * k + s * gram_apply(b_r, b, a)
         db = a_r * k + s * gram_apply(a_r, a, b)
-        # BatchNorm backward over the global batch: column sums of dA and dA * A
         sums = torch.stack([da.sum(0), (da * a_r).sum(0), db.sum(0), (db * b_r).sum(0)])
-        dist.all_reduce_sum(sums)
-        dz1 = rs1 * (da - sums[0] / n - a_r * (sums[1] / n))
-        dz2 = rs2 * (db - sums[2] / n - b_r * (sums[3] / n))
-        # upstream (GradScaler's scale) in the compute dtype before rounding to the input's
-        scale = grad.to(cdt) * (dist.world_size() if dist.is_dist() else 1)
-        return (dz1 * scale).to(dtype), (dz2 * scale).to(dtype), None, None
+    return da, db, sums
+
+
+def _setup_context(ctx, inputs, output):
+    z1, z2, g1, g2, lambd, _backend, rank, world = inputs
+    g1, g2 = (z1, z2) if g1 is None else (g1, g2)
+    ctx.save_for_backward(g1, g2, *output[1:])
+    ctx.lambd, ctx.dtype, ctx.world = lambd, z1.dtype, world
+    ctx.n_local = z1.shape[0]
+    ctx.lo = rank * ctx.n_local
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad, *_unused):
+    if grad is None:
+        return (None,) * 8
+    g1, g2, mu1, rs1, mu2, rs2, c = ctx.saved_tensors
+    da, db, sums = _bwd_op(g1, g2, mu1, rs1, mu2, rs2, c, ctx.lambd, ctx.lo, ctx.n_local)
+    if ctx.world > 1:  # BatchNorm's backward over the global batch: the only collective
+        sums = dist.all_reduce_sum(sums)
+    # BatchNorm backward (plain torch; A's local rows recomputed: elementwise)
+    cdt, n, hi = c.dtype, g1.shape[0], ctx.lo + ctx.n_local
+    a_r = (g1[ctx.lo:hi].to(cdt) - mu1) * rs1
+    b_r = (g2[ctx.lo:hi].to(cdt) - mu2) * rs2
+    dz1 = rs1 * (da - sums[0] / n - a_r * (sums[1] / n))
+    dz2 = rs2 * (db - sums[2] / n - b_r * (sums[3] / n))
+    # upstream (GradScaler's scale) in the compute dtype before rounding to the input's
+    scale = grad.to(cdt) * ctx.world
+    return ((dz1 * scale).to(ctx.dtype), (dz2 * scale).to(ctx.dtype),
+            None, None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051) -> torch.Tensor:
@@ -178,5 +230,9 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051)
         z1, z2 = dist.all_gather_with_grad(z1), dist.all_gather_with_grad(z2)
         loss = barlow_twins_loss_ref(z1, z2, lambd, upcast=False)
         return loss.to(compute_dtype(z1.dtype))
-    with torch.autocast(z1.device.type, enabled=False):
-        return _BarlowTwins.apply(z1, z2, lambd, backend == "triton")
+    world = dist.world_size()
+    if world > 1:  # the collective outside the op (eager Python, visible to compile)
+        g1, g2 = dist.all_gather_nograd(z1), dist.all_gather_nograd(z2)
+    else:
+        g1 = g2 = None
+    return _fwd_op(z1, z2, g1, g2, lambd, backend, dist.rank(), world)[0]

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dist
+from ._custom_op import fused_op
 from ._gram_torch import frob_cross, gram_apply
 from ._gram_triton import gram_dot
 from ._utils import choose_backend, compute_dtype
@@ -58,7 +59,7 @@ def vicreg_loss_ref(z1: torch.Tensor, z2: torch.Tensor, sim: float = 25.0, var: 
 
 
 def _view(g: torch.Tensor, cdt: torch.dtype, triton: bool):
-    """(centred X, mean, variances v, hinge mean, covariance penalty) of one gathered view."""
+    """(mean, variances v, hinge mean, covariance penalty) of one gathered view."""
     x = g.to(cdt)
     n, d = x.shape
     mu = x.mean(0)
@@ -70,46 +71,95 @@ def _view(g: torch.Tensor, cdt: torch.dtype, triton: bool):
         frob = gram_dot(g, mu, ones, g, mu, ones)
     else:
         frob = frob_cross(x, x)
-    return x, mu, v, hinge, (frob / (n - 1) ** 2 - v.pow(2).sum()) / d
+    return mu, v, hinge, (frob / (n - 1) ** 2 - v.pow(2).sum()) / d
 
 
 def _view_grad(x: torch.Tensor, x_r: torch.Tensor, v: torch.Tensor, var: float,
                cov: float) -> torch.Tensor:
-    """dL/dz for this rank's rows of one view (hinge and covariance terms)."""
+    """dL/dz for this rank's rows of one view (hinge and covariance terms), before the
+    centring's column mean is subtracted (that sum is over every rank's rows)."""
     n, d = x.shape
     s = torch.sqrt(v + VAR_EPS)
     dx = (-(var / 2) / (d * (n - 1))) * torch.where(s < 1, 1 / s, 0.0) * x_r
-    dx = dx + (4 * cov / d) * (gram_apply(x_r, x, x) / (n - 1) ** 2 - x_r * v / (n - 1))
-    colsum = dist.all_reduce_sum(dx.sum(0))  # ~0 analytically (sum_n X = 0); kept exact
-    return dx - colsum / n
+    return dx + (4 * cov / d) * (gram_apply(x_r, x, x) / (n - 1) ** 2 - x_r * v / (n - 1))
 
 
-class _VICReg(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z1, z2, sim: float, var: float, cov: float, triton: bool):  # type: ignore[override]
-        cdt = compute_dtype(z1.dtype)
-        g1, g2 = dist.all_gather_nograd(z1), dist.all_gather_nograd(z2)
-        x1, mu1, v1, h1, c1 = _view(g1, cdt, triton)
-        x2, mu2, v2, h2, c2 = _view(g2, cdt, triton)
-        inv = (x1 + mu1 - x2 - mu2).pow(2).mean()
-        ctx.save_for_backward(g1, g2, mu1, mu2, v1, v2)
-        ctx.w, ctx.n_local, ctx.dtype = (sim, var, cov), z1.shape[0], z1.dtype
-        return sim * inv + var * (h1 + h2) / 2 + cov * (c1 + c2)
+# ----------------------------------------------------------------------------- custom ops
+# `selfsup::vicreg_fwd` / `vicreg_bwd`, as Barlow Twins' (barlow_twins.py): the all-gather
+# runs in the API before the forward op, the all-reduce of the two centring column sums in
+# the registered backward between the bwd op and the plain-torch rest; no body communicates.
+def _fwd_fake(z1, z2, g1, g2, sim, var, cov, backend, rank, world):
+    cdt = compute_dtype(z1.dtype)
+    d = z1.shape[1]
+    return (z1.new_empty((), dtype=cdt), *(z1.new_empty(d, dtype=cdt) for _ in range(4)))
 
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        g1, g2, mu1, mu2, v1, v2 = ctx.saved_tensors
-        sim, var, cov = ctx.w
-        cdt = mu1.dtype
+
+@fused_op("vicreg_fwd", fake=_fwd_fake)
+def _fwd_op(z1: torch.Tensor, z2: torch.Tensor, g1: torch.Tensor | None,
+            g2: torch.Tensor | None, sim: float, var: float, cov: float, backend: str,
+            rank: int, world: int,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mu1, mu2, v1, v2) over the gathered batch g (z on one process); z1, z2 are this
+    rank's rows, inputs so that their gradient is routed (rank, world: read by backward)."""
+    g1, g2 = (z1, z2) if g1 is None else (g1, g2)
+    cdt = compute_dtype(z1.dtype)
+    with torch.autocast(z1.device.type, enabled=False):  # the GEMMs run in cdt, as eager did
+        mu1, v1, h1, c1 = _view(g1, cdt, backend == "triton")
+        mu2, v2, h2, c2 = _view(g2, cdt, backend == "triton")
+        inv = (g1.to(cdt) - g2.to(cdt)).pow(2).mean()
+        loss = sim * inv + var * (h1 + h2) / 2 + cov * (c1 + c2)
+    return loss, mu1, mu2, v1, v2
+
+
+def _bwd_fake(g1, g2, mu1, mu2, v1, v2, var, cov, lo, n_local):
+    shape = (n_local, g1.shape[1])
+    return mu1.new_empty(shape), mu1.new_empty(shape), mu1.new_empty((2, g1.shape[1]))
+
+
+@fused_op("vicreg_bwd", fake=_bwd_fake)
+def _bwd_op(g1: torch.Tensor, g2: torch.Tensor, mu1: torch.Tensor, mu2: torch.Tensor,
+            v1: torch.Tensor, v2: torch.Tensor, var: float, cov: float, lo: int,
+            n_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dz of rows lo..lo+n_local per view without the centring and invariance terms,
+    their column sums): the Gram products; the sums still need the all-reduce over ranks."""
+    cdt = mu1.dtype
+    with torch.autocast(g1.device.type, enabled=False):
         x1, x2 = g1.to(cdt) - mu1, g2.to(cdt) - mu2
-        n, d = x1.shape
-        lo = dist.rank() * ctx.n_local if dist.is_dist() else 0
-        hi = lo + ctx.n_local
-        d_inv = (2 * sim / (n * d)) * (g1[lo:hi].to(cdt) - g2[lo:hi].to(cdt))
-        dz1 = _view_grad(x1, x1[lo:hi], v1, var, cov) + d_inv
-        dz2 = _view_grad(x2, x2[lo:hi], v2, var, cov) - d_inv
-        scale = grad.to(cdt) * (dist.world_size() if dist.is_dist() else 1)
-        return (dz1 * scale).to(ctx.dtype), (dz2 * scale).to(ctx.dtype), None, None, None, None
+        hi = lo + n_local
+        dx1 = _view_grad(x1, x1[lo:hi], v1, var, cov)
+        dx2 = _view_grad(x2, x2[lo:hi], v2, var, cov)
+        sums = torch.stack([dx1.sum(0), dx2.sum(0)])  # ~0 analytically (sum_n X = 0); exact
+    return dx1, dx2, sums
+
+
+def _setup_context(ctx, inputs, output):
+    z1, z2, g1, g2, sim, var, cov, _backend, rank, world = inputs
+    g1, g2 = (z1, z2) if g1 is None else (g1, g2)
+    ctx.save_for_backward(g1, g2, *output[1:])
+    ctx.w, ctx.dtype, ctx.world = (sim, var, cov), z1.dtype, world
+    ctx.n_local = z1.shape[0]
+    ctx.lo = rank * ctx.n_local
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad, *_unused):
+    if grad is None:
+        return (None,) * 10
+    g1, g2, mu1, mu2, v1, v2 = ctx.saved_tensors
+    sim, var, cov = ctx.w
+    dx1, dx2, sums = _bwd_op(g1, g2, mu1, mu2, v1, v2, var, cov, ctx.lo, ctx.n_local)
+    if ctx.world > 1:  # the centring's column sums over the global batch: the collective
+        sums = dist.all_reduce_sum(sums)
+    cdt, (n, d), lo, hi = mu1.dtype, g1.shape, ctx.lo, ctx.lo + ctx.n_local
+    d_inv = (2 * sim / (n * d)) * (g1[lo:hi].to(cdt) - g2[lo:hi].to(cdt))
+    dz1 = (dx1 - sums[0] / n) + d_inv
+    dz2 = (dx2 - sums[1] / n) - d_inv
+    scale = grad.to(cdt) * ctx.world
+    return ((dz1 * scale).to(ctx.dtype), (dz2 * scale).to(ctx.dtype), *(None,) * 8)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim: float = 25.0, var: float = 25.0,
@@ -133,5 +183,9 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim: float = 25.0, var: floa
     if backend == "ref":
         z1, z2 = dist.all_gather_with_grad(z1), dist.all_gather_with_grad(z2)
         return vicreg_loss_ref(z1, z2, sim, var, cov, upcast=False).to(compute_dtype(z1.dtype))
-    with torch.autocast(z1.device.type, enabled=False):
-        return _VICReg.apply(z1, z2, sim, var, cov, backend == "triton")
+    world = dist.world_size()
+    if world > 1:  # the collective outside the op (eager Python, visible to compile)
+        g1, g2 = dist.all_gather_nograd(z1), dist.all_gather_nograd(z2)
+    else:
+        g1 = g2 = None
+    return _fwd_op(z1, z2, g1, g2, sim, var, cov, backend, dist.rank(), world)[0]
