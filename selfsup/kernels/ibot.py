@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
+from . import _ibot_triton
 from ._custom_op import (
     fused_op,
     join_temperature,
@@ -91,6 +92,12 @@ def ibot_patch_loss_ref(student_patches, teacher_patches, mask, center, *, stude
 
 
 # ----------------------------------------------------------------------------- validation
+def _host_mask(mask):
+    """Whether the mask is host memory (reading it costs no device sync). Tests patch this
+    to run the device-mask code paths on CPU tensors."""
+    return mask.device.type == "cpu"
+
+
 def _validate(student_patches, teacher_patches, mask, center, student_temp, teacher_temp):
     """Check the inputs; return (tau_s, tau_t) or raise ValueError naming the argument."""
     s = check_tensor("student_patches", student_patches, ndim=(2, 3))
@@ -109,7 +116,7 @@ def _validate(student_patches, teacher_patches, mask, center, student_temp, teac
     if s.dim() == 3 and tuple(m.shape) != tuple(s.shape[:2]):
         raise ValueError(f"mask must have shape (B, N) = {tuple(s.shape[:2])} like "
                          f"student_patches (B, N, K), got {tuple(m.shape)}")
-    if s.dim() == 2 and m.device.type == "cpu":  # a host mask: counting is free
+    if s.dim() == 2 and _host_mask(m):  # a host mask: counting is free
         n = int(m.sum())
         if n != s.shape[0]:
             raise ValueError(f"student_patches (M, K) must have M = mask.sum() = {n} rows "
@@ -142,14 +149,14 @@ def _rows_and_weights(s, mask):
     n_b = mask.sum(1, dtype=acc).clamp_(min=1)
     w_img = 1.0 / (b * n_b)  # (B,)
     if s.dim() == 2:
-        if mask.device.type == "cpu":
+        if _host_mask(mask):
             img = mask.nonzero()[:, 0]
         else:  # the image of each masked token in row-major order, M from the shape: no sync
             flat = (~mask).reshape(-1).to(torch.uint8)
             img = torch.argsort(flat, stable=True)[: s.shape[0]] // mask.shape[1]
         return s, None, w_img[img].to(s.device)
     rows = s.reshape(-1, s.shape[-1])
-    if mask.device.type == "cpu":
+    if _host_mask(mask):
         idx = mask.reshape(-1).nonzero()[:, 0]
         w = w_img[idx // mask.shape[1]]
         return rows, idx.to(s.device), w.to(s.device)
@@ -256,7 +263,7 @@ def ibot_loss_fwd_torch(s, t, center, w, idx, student_temp, teacher_temp, need_g
     return loss, ent / count, colsum, ds
 
 
-_TRITON_READY = False
+_TRITON_READY = True
 
 # ----------------------------------------------------------------------------- custom ops
 # (`_custom_op.py` has the conventions.) The forward op returns (loss, entropy, colsum) and
@@ -267,7 +274,8 @@ def _fwd_fake(s, t, center, w, idx, ts_tensor, ts, tt_tensor, tt, backend, need_
     r, k = s.shape
     empty = functools.partial(s.new_empty, dtype=acc)
     if backend == "triton":
-        saved = (empty(k), empty(3), empty(w.shape[0]), empty(w.shape[0]))
+        saved = (empty(k if center is not None else 1), empty(3), empty(w.shape[0]),
+                 empty(w.shape[0]))
         ds = s.new_empty(0)
     else:
         saved = tuple(empty(0) for _ in range(4))
@@ -287,8 +295,6 @@ def _ibot_fwd_op(s: torch.Tensor, t: torch.Tensor, center: torch.Tensor | None,
     tt_ = None if center is None else join_temperature(tt_tensor, tt, "teacher_temp", dev)
     acc = compute_dtype(s.dtype)
     if backend == "triton":
-        from . import _ibot_triton
-
         loss, ent, colsum, saved = _ibot_triton.ibot_fwd_triton(s, t, center, w, idx, ts_, tt_)
         return loss, ent, colsum, *saved, placeholder(s)
     loss, ent, colsum, ds = ibot_loss_fwd_torch(s, t, center, w, idx, ts_, tt_, need_grad)
@@ -303,8 +309,6 @@ def _ibot_bwd_op(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor, idx: torch.T
                  c: torch.Tensor, par: torch.Tensor, lse_s: torch.Tensor, aux: torch.Tensor,
                  probs: bool, grad: torch.Tensor) -> torch.Tensor:
     """Triton's dS recompute as an op."""
-    from . import _ibot_triton
-
     return _ibot_triton.ibot_bwd_triton(_unit_cols(s), _unit_cols(t), w, idx, c, par, lse_s,
                                         aux, probs, grad)
 
