@@ -27,16 +27,17 @@ VIT = ["--arch", "vit_tiny", "--img-size", "224"]
 CNN = ["--arch", "resnet_tiny", "--img-size", "32"]
 CASES = [("mocov1", CNN), ("mocov2", CNN), ("simsiam", CNN), ("byol", CNN), ("simclr", CNN),
          ("mocov3", CNN), ("mocov3", VIT), ("dino", VIT), ("dino", CNN), ("mae", VIT),
-         ("barlowtwins", CNN), ("vicreg", CNN), ("swav", CNN)]
+         ("barlowtwins", CNN), ("vicreg", CNN), ("swav", CNN), ("ibot", VIT)]
 # Methods whose launches are not yet registered (a strict xfail: the day they are, the marker
-# must go). Empty since MAE's launchers pass the registered num_stages and widths (issue 22).
-KNOWN_GAPS: set[str] = set()
+# must go). MAE's left when its launchers passed the registered widths (issue 22). iBOT: the
+# DINO cls loss at its preset K = 8192 (only 65536 is registered; /work/helpers/M1_TO_K.md).
+KNOWN_GAPS: set[str] = {"ibot"}
 
 
 def run(method: str, arch: list[str], precision: str, tmp_path) -> LaunchRecorder:
     argv = ["--method", method, *COMMON, *arch, "--precision", precision,
             "--out", str(tmp_path / method)]
-    if method in ("dino", "swav"):
+    if method in ("dino", "swav", "ibot"):
         argv += ["--n-local", "2"]  # each local crop is one more view of the same shapes
     args = vars(build_parser().parse_args(argv))
     cfg = resolve(args, method_class(method).preset)
@@ -48,14 +49,15 @@ def run(method: str, arch: list[str], precision: str, tmp_path) -> LaunchRecorde
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("method,arch", [
     pytest.param(m, a, id=f"{m}-{a[1]}", marks=[pytest.mark.xfail(
-        strict=True, reason="MAE launches not yet registered (issue 22)")]
+        strict=True, reason=f"{m} launches not yet registered")]
         if m in KNOWN_GAPS else []) for m, a in CASES])
 def test_every_launch_of_a_training_step_is_registered(method, arch, precision, tmp_path,
                                                        monkeypatch):
     monkeypatch.setenv("SELFSUP_KERNELS", "triton")
     monkeypatch.setenv("SELFSUP_ATTN", "sdpa")
     rec = run(method, arch, precision, tmp_path)
-    fused = {"mocov1", "mocov2", "mocov3", "simclr", "dino", "mae", "barlowtwins", "vicreg"}
+    fused = {"mocov1", "mocov2", "mocov3", "simclr", "dino", "mae", "barlowtwins", "vicreg",
+             "ibot"}
     if method in fused:
         assert rec.launches, f"{method} launched no Triton kernel"
     missing = rec.unregistered()
