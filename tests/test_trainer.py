@@ -25,7 +25,7 @@ TINY = ["--data", "fashion-mnist-sample", "--img-size", "16", "--batch-size", "3
         "--log-every", "1", "--proj-hidden", "64", "--proj-dim", "32", "--pred-hidden", "32",
         "--queue-size", "96", "--out-dim", "128", "--n-local", "2", "--decoder-dim", "32",
         "--decoder-depth", "1"]
-ARCH = {"mae": "vit_tiny", "dino": "vit_tiny", "ibot": "vit_tiny"}
+ARCH = {"mae": "vit_tiny", "dino": "vit_tiny", "ibot": "vit_tiny", "dinov2": "vit_tiny"}
 
 
 def config(method: str, tmp_path: Path, *extra: str):

@@ -11,6 +11,7 @@ the standard library's `ssl`.
 from .barlowtwins import BarlowTwins
 from .byol import BYOL
 from .dino import DINO
+from .dinov2 import DINOv2
 from .ibot import IBOT
 from .mae import MAE
 from .moco import MoCo, MoCoV1
@@ -29,11 +30,12 @@ METHODS = {
     "simclr": SimCLR,
     "dino": DINO,
     "ibot": IBOT,
+    "dinov2": DINOv2,
     "mae": MAE,
     "barlowtwins": BarlowTwins,
     "vicreg": VICReg,
     "swav": SwAV,
 }
 
-__all__ = ["METHODS", "BarlowTwins", "BYOL", "DINO", "IBOT", "MAE", "MoCo", "MoCoV1", "MoCoV3", "SimCLR",
-           "SimSiam", "SwAV", "VICReg"]
+__all__ = ["METHODS", "BarlowTwins", "BYOL", "DINO", "DINOv2", "IBOT", "MAE", "MoCo", "MoCoV1",
+           "MoCoV3", "SimCLR", "SimSiam", "SwAV", "VICReg"]

@@ -105,6 +105,18 @@ def sinkhorn_center(logits: torch.Tensor, temperature, n_iters: int = 3) -> torc
     return (-temperature * log_r).reshape(1, -1)
 
 
+def sinkhorn_dino_loss(s: torch.Tensor, t: torch.Tensor, student_temp, teacher_temp,
+                       n_iters: int = 3, n_global: int = 2) -> tuple[torch.Tensor, dict]:
+    """The fused DINO loss of student logits s (V*B, K) against DINOv2's Sinkhorn teacher of
+    t (n_global*B, K): (loss, {"teacher_entropy", "kl"}), the entropy of the Sinkhorn
+    probabilities from the loss's own teacher pass."""
+    c = sinkhorn_center(t, teacher_temp, n_iters)
+    loss, ent, _ = _dino_loss_with_stats(s, t, c, student_temp=student_temp,
+                                         teacher_temp=teacher_temp, n_global=n_global)
+    ent = ent.detach()
+    return loss, {"teacher_entropy": ent, "kl": loss.detach() - ent}
+
+
 # ----------------------------------------------------------------------------- method
 class DINO(Method):
     recipe: ClassVar[str] = "dino"
@@ -175,11 +187,8 @@ class DINO(Method):
         if self.centering == "center":
             loss = self.criterion(s, t, teacher_temp=tau_t)  # updates the EMA center
             return loss, dict(self.criterion.last_stats)
-        c = sinkhorn_center(t, tau_t, self.sinkhorn_iters)
-        loss, ent, _ = _dino_loss_with_stats(s, t, c, student_temp=self.criterion.student_temp,
-                                             teacher_temp=tau_t, n_global=2)
-        ent = ent.detach()
-        return loss, {"teacher_entropy": ent, "kl": loss.detach() - ent}
+        return sinkhorn_dino_loss(s, t, self.criterion.student_temp, tau_t,
+                                  self.sinkhorn_iters)
 
     def forward(self, views: list[torch.Tensor]) -> dict:
         s = multicrop_forward(self.backbone, self.head, views)
