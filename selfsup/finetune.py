@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,8 @@ import torch
 
 from . import dist
 from .data import DatasetError, build_loader, load_dataset
-from .data.layouts import align_classes
 from .data.datasets import subset
+from .data.layouts import align_classes
 from .engine import checkpoint as ckpt
 from .engine import schedules
 from .engine.checkpoint import CheckpointError, load_method
@@ -57,7 +58,7 @@ from .engine.finetune_utils import (
 )
 from .engine.optim import LARS
 from .engine.runlog import Progress, RunLogger
-from .engine.trainer import agree
+from .engine.step import NonFiniteWatch
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Recipe values, by family; a flag given on the command line wins.
@@ -278,8 +279,12 @@ def evaluate(model: Classifier, loader, device: torch.device, amp_dtype) -> floa
 
 
 def train_step(model, opt, scaler, augment: tuple[RandomErasing, Mixup], x, y, lr: float,
-               s: dict, step: int, amp_dtype, stopping: bool = False) -> float | None:
-    """One optimizer step; None (and no update) when a signal reached any rank."""
+               s: dict, step: int, amp_dtype, watch: NonFiniteWatch | None = None,
+               check: Callable[[], bool] | None = None) -> torch.Tensor | None:
+    """One optimizer step. Returns the loss as a detached device tensor (reading it would
+    make the host wait for the device), or None, without an update, when `check` (given at
+    a check step: called after the forward, before the backward) says to stop. `watch` keeps
+    the non-finite record on the device until that check."""
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_scale"]
     torch.manual_seed(step_seed(s["seed"], step))
@@ -290,12 +295,9 @@ def train_step(model, opt, scaler, augment: tuple[RandomErasing, Mixup], x, y, l
                         enabled=amp_dtype is not None):
         logits = model(x)
     loss = soft_cross_entropy(logits, target)
-    # every rank learns what any rank saw, so all stop at the same step (none hangs)
-    bad, stop_now = agree(not torch.isfinite(loss.detach()).item(), stopping)
-    if bad:
-        raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step} with lr "
-                                 f"{lr:.4g}: lower --blr or raise --warmup-epochs")
-    if stop_now:
+    if watch is not None:
+        watch.observe(loss, step)
+    if check is not None and check():
         return None
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -304,7 +306,7 @@ def train_step(model, opt, scaler, augment: tuple[RandomErasing, Mixup], x, y, l
         torch.nn.utils.clip_grad_norm_(model.parameters(), s["clip_grad"])
     scaler.step(opt)
     scaler.update()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def save_state(path: Path, model, opt, scaler, step: int, epoch: int, cfg, s: dict) -> None:
@@ -412,15 +414,39 @@ def settings_line(s: dict, model: Classifier, encoder) -> str:
             + ", ".join(f"{k} {s[k]}" for k in keys))
 
 
+def nonfinite_check(watch: NonFiniteWatch, stop: dict, lr_sched: list[float], s: dict,
+                    step: int) -> bool:
+    """A check step's one host read (and, on several ranks, one all_reduce): raise
+    FloatingPointError naming the first step whose loss was NaN/Inf on any rank; True when a
+    signal reached any rank (every rank then stops before this step's update)."""
+    first, signalled = watch.check(stop["signal"] is not None)
+    if first is not None:
+        raise FloatingPointError(
+            f"non-finite loss first at step {first} with lr {lr_sched[first]:.4g} (found at "
+            f"the check of step {step}; checks run every --log-every {s['log_every']} steps, "
+            "so the weights after it are not to be trusted): lower --blr or raise "
+            "--warmup-epochs")
+    if signalled:
+        stop["signal"] = stop["signal"] or "SIGTERM (another rank)"
+    return signalled
+
+
 def train_loop(loop: dict, train_loader, test_loader, step: int) -> dict:
-    """Train from `step` to the end (or a signal); rank 0 saves, logs and scores."""
+    """Train from `step` to the end (or a signal); rank 0 saves, logs and scores.
+
+    No host sync between checks: the loss stays on the device (NonFiniteWatch) and is read,
+    with the NaN / signal agreement across ranks, only at a check step: every --log-every
+    steps, the last one, and the step before each checkpoint or evaluation (so neither ever
+    follows an unchecked non-finite loss). A NaN is found there, naming its first step."""
     model, s, device, out = loop["model"], loop["s"], loop["device"], loop["out"]
     progress, logger, amp_dtype = loop["progress"], loop["logger"], loop["amp_dtype"]
     total, spe = s["total_steps"], s["steps_per_epoch"]
     eval_steps = max(1, round(s["eval_every"] * spe)) if s["eval_every"] > 0 else 0
     main, ckpt_path = dist.is_main(), out / ckpt.CHECKPOINT_NAME
+    lr_sched = loop["lr_sched"].tolist()  # host floats once: no tensor read per step
     net = wrap(model, device)
     stop = {"signal": None}
+    watch = NonFiniteWatch(device)
 
     def on_signal(signum, frame):
         stop["signal"] = signal.Signals(signum).name
@@ -444,22 +470,27 @@ def train_loop(loop: dict, train_loader, test_loader, step: int) -> dict:
         for i, _epoch, x, y in batches(train_loader, step, spe):
             if i >= total:
                 break
-            lr = float(loop["lr_sched"][i])
+            lr, after = lr_sched[i], i + 1
+            log_now = after % s["log_every"] == 0 or after == total
+            eval_now = bool(eval_steps) and after % eval_steps == 0 and after < total
+            ckpt_now = after % s["ckpt_every"] == 0 and after < total
+            check = (lambda at=i: nonfinite_check(watch, stop, lr_sched, s, at)) \
+                if log_now or eval_now or ckpt_now else None
             loss = train_step(net, loop["opt"], loop["scaler"], loop["augment"],
                               x.to(device, non_blocking=True), y.to(device), lr, s, i,
-                              amp_dtype, stopping=stop["signal"] is not None)
-            if loss is None:
-                stop["signal"] = stop["signal"] or "SIGTERM (another rank)"
+                              amp_dtype, watch=watch, check=check)
+            if loss is None:  # a signal, found at this step's check: no update
                 break
-            step = i + 1
-            progress.update(step, loss, lr)
-            if step % s["log_every"] == 0 or step == total:
-                logger.log(step, {"loss": loss, "lr": lr, "epoch": step / spe})
-            if eval_steps and step % eval_steps == 0 and step < total:
+            step = after
+            if log_now:
+                value = float(loss)  # the interval's one read of a loss
+                progress.update(step, value, lr)
+                logger.log(step, {"loss": value, "lr": lr, "epoch": step / spe})
+            if eval_now:
                 acc = score(step)
                 progress.message(f"[eval] step {step}: top-1 {acc:.4f}" if main else "")
                 model.train()
-            if step % s["ckpt_every"] == 0 and step < total:
+            if ckpt_now:
                 save(step)
     finally:
         for sig, h in handlers.items():

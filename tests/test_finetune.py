@@ -1,6 +1,7 @@
 """selfsup.finetune: layer-wise lr decay, mixup / cutmix / smoothing, drop path, pooling,
 checkpoints and resume, bad input. Runs on the committed Fashion-MNIST sample, tiny models."""
 
+import json
 import os
 import subprocess
 import sys
@@ -414,3 +415,81 @@ def test_torchrun_two_processes_fine_tune(mae_run, tmp_path):
     assert s["steps_per_epoch"] == 2  # 64 images / (16 x 2 ranks)
     rows = [ln for ln in (out / "log.jsonl").read_text().splitlines() if '"train"' in ln]
     assert len(rows) == 2
+
+
+# ----------------------------------------------------------------------------- host syncs
+READS = ("item", "__float__", "__int__", "__bool__", "tolist")
+
+
+def test_host_reads_only_at_check_steps(byol_run, tmp_path, capsys, monkeypatch):
+    # issue 23.2: 20 steps; every value read back to Python (Tensor.item, __float__, __int__,
+    # __bool__, tolist, on the main thread) is counted and charged to the step whose
+    # train_step ran last. Only check steps (each --log-every-th and the last) may read: one
+    # read for the NaN / signal check, one for the loss that is logged.
+    import threading
+
+    reads, at = [], {"step": None}
+    main = threading.main_thread()
+
+    def counted(real):
+        def f(*args, **kwargs):
+            if threading.current_thread() is main:
+                reads.append(at["step"])
+            return real(*args, **kwargs)
+        return f
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    real_step = finetune.train_step
+
+    def step_marked(*args, **kwargs):
+        at["step"] = args[8]  # the step index
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_step", step_marked)
+    real_eval = finetune.evaluate
+
+    def eval_marked(*args, **kwargs):  # the final scoring reads its predictions: not a step's
+        at["step"] = "eval"
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "evaluate", eval_marked)
+    for every in (10, 5):
+        reads.clear()
+        rc, out, err = tune(["--checkpoint", byol_run, "--out", tmp_path / str(every),
+                             "--steps", "20", *TUNE, "--log-every", every], capsys)
+        assert rc == 0, err
+        per_step = {i: reads.count(i) for i in range(20)}
+        checks = {i for i in range(20) if (i + 1) % every == 0}
+        assert {i: n for i, n in per_step.items() if n} == dict.fromkeys(checks, 2), per_step
+        rows = [json.loads(x) for x in (tmp_path / str(every) / "log.jsonl").read_text()
+                .splitlines()]
+        assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(every, 21, every))
+
+
+def poison_loss(monkeypatch, at_step: int) -> None:
+    """The loss of step `at_step` (0-based) is NaN, the others untouched."""
+    real, calls = finetune.soft_cross_entropy, {"n": 0}
+
+    def poisoned(logits, target):
+        loss = real(logits, target)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == at_step + 1 else loss
+
+    monkeypatch.setattr(finetune, "soft_cross_entropy", poisoned)
+
+
+def test_nan_is_caught_at_the_next_check_naming_its_step(byol_run, tmp_path, capsys,
+                                                         monkeypatch):
+    poison_loss(monkeypatch, 7)
+    rc, _, err = tune(["--checkpoint", byol_run, "--out", tmp_path / "a", "--steps", "20",
+                       *TUNE, "--log-every", "10"], capsys)
+    assert rc == 2
+    assert "non-finite loss first at step 7 " in err and "check of step 9" in err, err
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()
+    # a checkpoint step is a check too: none is written past an unchecked NaN
+    poison_loss(monkeypatch, 4)
+    rc, _, err = tune(["--checkpoint", byol_run, "--out", tmp_path / "b", "--steps", "20",
+                       *TUNE, "--log-every", "10", "--ckpt-every", "3"], capsys)
+    assert rc == 2 and "first at step 4 " in err and "check of step 5" in err, err
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 3
