@@ -36,7 +36,9 @@ than C whenever N_global < D), computes the global statistics and loss, and its 
 computes only its own rows' gradient (two all-reduced D-vectors for the global BatchNorm
 backward). As `selfsup.dist.all_gather_with_grad`, the local gradient is world_size x
 d L / d z_local (every rank holds the same global loss): DDP's gradient averaging then
-gives exactly the single-process gradient of the concatenated batch.
+gives exactly the single-process gradient of the concatenated batch. Both collectives run
+outside the custom ops (the gather in the API, the all-reduce in the registered backward):
+docs/kernels-custom-ops.md says why.
 """
 
 from __future__ import annotations

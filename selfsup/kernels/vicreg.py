@@ -24,7 +24,8 @@ Distributed: as the official code, the embeddings are all-gathered and every sta
 on the concatenated batch. Each rank's backward computes its own rows' gradient only (one
 all-reduced D-vector per view for the centring); the local gradient is world_size x
 d L / d z_local, the `selfsup.dist.all_gather_with_grad` convention that DDP's averaging
-turns into the single-process gradient.
+turns into the single-process gradient. As in barlow_twins.py, the collectives run outside
+the custom ops.
 """
 
 from __future__ import annotations
