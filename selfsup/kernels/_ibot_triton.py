@@ -23,7 +23,7 @@ import torch
 from ._registry import KernelConfig, register_kernel
 from ._triton import tl, triton
 from ._utils import cdiv, compute_dtype, device_guard, next_power_of_2
-from .dino_loss import PRODUCTION_K, _merge_lse, _params  # _merge_lse: inlined in finish
+from .dino_loss import HEAD_WIDTHS, PRODUCTION_K, _merge_lse, _params  # _merge_lse: inlined
 
 
 @triton.jit
@@ -174,6 +174,8 @@ FWD_PROGRAMS, FWD_MAX_ITERS = 16384, 16
 FINISH_ELEMS, FINISH_WARPS, FINISH_STAGES = 512, 4, 1
 BWD_BLOCK_R, BWD_BLOCK_K, BWD_WARPS, BWD_STAGES = 4, 512, 8, 2
 DTYPES = ("bf16", "fp16", "fp32")
+# the patch-head widths (dino_loss.HEAD_WIDTHS) only change the finish kernel's NKT: forward
+# and backward constexprs are the same for every K >= 512
 
 
 def _block_k(k, cap):
@@ -189,12 +191,12 @@ def _finish_tile(n_kt):
 
 
 def _register():
-    """DINOv2 launches the gathered (M, K) layout with centering or Sinkhorn probabilities;
-    iBOT the (B, N, K) layout with a host mask (indices) and centering. All three dtypes for
-    every mode: bf16 (AMP) is the default."""
+    """The methods (ssl/ibot.py, ssl/dinov2.py) launch the gathered (M, K) layout with
+    centering or Sinkhorn probabilities; the (B, N, K) layout of iBOT's own code with a host
+    mask adds the indexed variants. All three dtypes for every mode; bf16 (AMP) gathered is
+    the default."""
     k = PRODUCTION_K
     fbk, bbk = _block_k(k, FWD_BLOCK_K), _block_k(k, BWD_BLOCK_K)
-    nkt, block_r = _finish_tile(cdiv(k, fbk))
     modes = [(probs, has_idx) for probs in (False, True) for has_idx in (False, True)]
 
     def label(dt, probs, has_idx, tile):
@@ -215,16 +217,18 @@ def _register():
                                "BLOCK_K": fbk}, types={"dt": dt}, num_warps=FWD_WARPS,
                               num_stages=FWD_STAGES, default=dt == "bf16" and not i)
                  for dt in DTYPES for p, i in modes])
-    register_kernel(  # dtype-free
+    register_kernel(  # dtype-free; its NKT follows K: one config per head width in use
         _ibot_finish_kernel,
         signature={"w_ptr": "*fp32", "tm_ptr": "*fp32", "tl_ptr": "*fp32", "ta_ptr": "*fp32",
                    "td_ptr": "*fp32", "sm_ptr": "*fp32", "sl_ptr": "*fp32", "lse_ptr": "*fp32",
                    "aux_ptr": "*fp32", "ent_ptr": "*fp32", "loss_ptr": "*fp32", "R": "i32",
                    "n_kt": "i32", "PROBS": "constexpr", "NKT": "constexpr",
                    "BLOCK_R": "constexpr"},
-        configs=[KernelConfig(f"fp32 {block_r}x{nkt} {'probs' if p else 'center'}",
-                              {"PROBS": p, "NKT": nkt, "BLOCK_R": block_r},
-                              num_warps=FINISH_WARPS, num_stages=FINISH_STAGES, default=True)
+        configs=[KernelConfig(f"fp32 {br}x{nk} {'probs' if p else 'center'} K={kk}",
+                              {"PROBS": p, "NKT": nk, "BLOCK_R": br},
+                              num_warps=FINISH_WARPS, num_stages=FINISH_STAGES,
+                              default=kk == k)
+                 for kk in HEAD_WIDTHS for nk, br in [_finish_tile(cdiv(kk, fbk))]
                  for p in (False, True)])
     register_kernel(
         _ibot_bwd_kernel,

@@ -376,6 +376,9 @@ FWD_PROGRAMS, FWD_MAX_ITERS = 2048, 8  # rows per program grow with B (fewer col
 FINISH_ELEMS, FINISH_WARPS, FINISH_STAGES = 2048, 4, 1
 BWD_BLOCK_B, BWD_BLOCK_K, BWD_WARPS, BWD_STAGES = 4, 512, 8, 2
 PRODUCTION_K = 65536
+# head widths the methods launch (iBOT's 8192, DINO/DINOv2's 65536, DINOv2 ViT-g's 131072):
+# the forward's NKT_T and the finish's NKT follow K, so each is registered
+HEAD_WIDTHS = (8192, PRODUCTION_K, 131072)
 DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -400,6 +403,7 @@ def _finish_tile(n_kt):
 
 def _register():
     k = PRODUCTION_K
+    other_k = [kk for kk in HEAD_WIDTHS if kk != k]  # NKT_T and NKT follow K
     sbk, fbk, bbk = _stats_block_k(k), _fwd_block_k(k), _bwd_block_k(k)
     nkt_t = next_power_of_2(cdiv(k, sbk))
     nkt, block_r = _finish_tile(cdiv(k, fbk))
@@ -426,7 +430,11 @@ def _register():
                    "BLOCK_K": "constexpr"},
         configs=cfgs(f"{FWD_BLOCK_B}x{fbk}",
                      {"NKT_T": nkt_t, "BLOCK_B": FWD_BLOCK_B, "BLOCK_K": fbk},
-                     FWD_WARPS, FWD_STAGES))
+                     FWD_WARPS, FWD_STAGES)
+        + [KernelConfig(f"{dt} {FWD_BLOCK_B}x{fbk} K={kk}",
+                        {"NKT_T": next_power_of_2(cdiv(kk, sbk)), "BLOCK_B": FWD_BLOCK_B,
+                         "BLOCK_K": fbk}, types={"dt": dt}, num_warps=FWD_WARPS,
+                        num_stages=FWD_STAGES) for kk in other_k for dt in DTYPES])
     register_kernel(  # dtype-free: one config
         _dino_finish_kernel,
         signature={"sm_ptr": "*fp32", "ssum_ptr": "*fp32", "sd_ptr": "*fp32",
@@ -434,7 +442,10 @@ def _register():
                    "G": "i32", "n_kt": "i32", "NKT": "constexpr", "BLOCK_R": "constexpr"},
         configs=[KernelConfig(f"fp32 {block_r}x{nkt}", {"NKT": nkt, "BLOCK_R": block_r},
                               num_warps=FINISH_WARPS, num_stages=FINISH_STAGES,
-                              default=True)])
+                              default=True)]
+        + [KernelConfig(f"fp32 {br}x{nk} K={kk}", {"NKT": nk, "BLOCK_R": br},
+                        num_warps=FINISH_WARPS, num_stages=FINISH_STAGES)
+           for kk in other_k for nk, br in [_finish_tile(cdiv(kk, fbk))]])
     register_kernel(
         _dino_bwd_kernel,
         signature={"s_ptr": "*{dt}", "t_ptr": "*{dt}", "c_ptr": "*fp32", "par_ptr": "*fp32",

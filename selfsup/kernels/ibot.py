@@ -93,9 +93,11 @@ def ibot_patch_loss_ref(student_patches, teacher_patches, mask, center, *, stude
 
 # ----------------------------------------------------------------------------- validation
 def _host_mask(mask):
-    """Whether the mask is host memory (reading it costs no device sync). Tests patch this
-    to run the device-mask code paths on CPU tensors."""
-    return mask.device.type == "cpu"
+    """Whether the mask may be read on the host: host memory (no device sync), and not
+    while torch.compile traces (nonzero's data-dependent shape would break the graph; the
+    device routes below have static shapes). Tests patch this to run the device routes on
+    CPU tensors."""
+    return mask.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _validate(student_patches, teacher_patches, mask, center, student_temp, teacher_temp):
@@ -161,7 +163,7 @@ def _rows_and_weights(s, mask):
         w = w_img[idx // mask.shape[1]]
         return rows, idx.to(s.device), w.to(s.device)
     w = (mask.to(acc) * w_img[:, None]).reshape(-1)
-    return rows, None, w
+    return rows, None, w.to(s.device)
 
 
 # ----------------------------------------------------------------------------- portable path

@@ -413,3 +413,132 @@ def test_validation(backend, path, arg, override):
 def test_center_none_ignores_teacher_temp():
     s, t, mask, _ = make(2, 5, 16, probs=True)
     assert torch.isfinite(ibot_patch_loss(s, t, mask, None, teacher_temp=-1.0))
+
+
+# ----------------------------------------------------------------------------- custom ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("with_idx", [False, True])
+def test_opcheck(seed, path, dtype, probs, with_idx):
+    s, t, mask, c = make(3, 5, 37, probs=probs, dtype=dtype)
+    rows, idx, w = ib._rows_and_weights(s.detach(), mask)
+    t_rows = t.reshape(rows.shape)
+    if not with_idx:
+        rows, t_rows, idx = rows[idx], t_rows[idx], None
+    rows = rows.detach().requires_grad_()
+    for ts in ((None, 0.1), (torch.tensor(0.1, dtype=dtype), 0.0)):
+        args = (rows, t_rows, c, w, idx, *ts, None, 0.04, path, True)
+        torch.library.opcheck(ib._ibot_fwd_op, args)
+    out = ib._ibot_fwd_op(*args)
+    g = torch.tensor(1.7, dtype=out[0].dtype)
+    if path == "triton":
+        saved = [x.detach() for x in out[3:7]]
+        torch.library.opcheck(ib._ibot_bwd_op, (rows.detach(), t_rows, w, idx, *saved, probs, g))
+
+
+def test_ops_are_registered_in_the_selfsup_namespace():
+    for name in ("ibot_loss_fwd", "ibot_loss_bwd"):
+        assert hasattr(torch.ops.selfsup, name)
+
+
+def _compiled(fn, **kw):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    return torch.compile(fn, backend=counter, fullgraph=True, **kw), counter
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", [3, 2])
+@pytest.mark.parametrize("probs", [False, True])
+def test_compiled_matches_eager(seed, backend, path, layout, probs):
+    """torch.compile(fullgraph=True) traces the host-mask call (as the device routes: no
+    nonzero while tracing) and matches eager; a tensor temperature's new value reuses the
+    graph."""
+    torch._dynamo.reset()
+    backend(path)
+    s, t, mask, c = make(3, 5, 37, probs=probs, layout=layout)
+    cfn, counter = _compiled(ibot_patch_loss)
+    frames = []
+    for tt in (torch.tensor(0.04, dtype=torch.float64), torch.tensor(0.07, dtype=torch.float64)):
+        want = loss_and_grad(ibot_patch_loss, s, t, mask, c, teacher_temp=tt)
+        got = loss_and_grad(cfn, s, t, mask, c, teacher_temp=tt)
+        torch.testing.assert_close(got[0], want[0], **TOL64)
+        torch.testing.assert_close(got[1], want[1], **TOL64)
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1] == frames[0]  # the new temperature: no recompile
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_compiled_module_updates_its_center_like_eager(seed, backend, path):
+    torch._dynamo.reset()
+    backend(path)
+    k = 37
+    eager, compiled = iBOTPatchLoss(k).double(), iBOTPatchLoss(k).double()
+    cmod, _ = _compiled(compiled)
+    for _ in range(2):  # the second call sees the first one's center update
+        s, t, mask, _c = make(3, 5, k, layout=2)
+        want = loss_and_grad(lambda *a, **kw: eager(*a[:3]), s, t, mask, None)
+        got = loss_and_grad(lambda *a, **kw: cmod(*a[:3]), s, t, mask, None)
+        torch.testing.assert_close(got[0], want[0], **TOL64)
+        torch.testing.assert_close(got[1], want[1], **TOL64)
+        torch.testing.assert_close(compiled.center, eager.center, **TOL64)
+        torch.testing.assert_close(compiled.last_stats["teacher_entropy"],
+                                   eager.last_stats["teacher_entropy"], **TOL64)
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- launches
+def test_triton_launches_registered_configs_and_read_nothing_on_the_host(seed, monkeypatch):
+    """Every launch (both layouts, both modes, bf16 at a DINOv2 head width's tiles) is a
+    registered configuration, runs under device_guard, and no tensor is read on the host
+    (on CUDA each read is a sync). K = 8192 (iBOT's head) keeps the registered finish tile."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launch_recorder import LaunchRecorder
+
+    monkeypatch.setenv("SELFSUP_KERNELS", "triton")
+    inside = []
+
+    class Guard:
+        def __init__(self, t):
+            self.t = t
+
+        def __enter__(self):
+            inside.append(1)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    monkeypatch.setattr(tri, "device_guard", Guard)
+    k = 8192
+    for probs in (False, True):
+        for layout in (2, 3):
+            mask = torch.zeros(2, 3, dtype=torch.bool)
+            mask[0, 1] = mask[1, 0] = mask[1, 2] = True
+            s, t, _, c = make(2, 3, k, probs=probs, dtype=torch.bfloat16, layout=layout,
+                              mask=mask)
+            c = None if c is None else c.float()
+            with LaunchRecorder() as rec:
+                def refuse(*a, **kw):
+                    raise AssertionError("a tensor was read on the host")
+
+                with monkeypatch.context() as mp:
+                    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+                        mp.setattr(torch.Tensor, name, refuse)
+                    # the host mask is read before the op (free on the host): done here first
+                    rows, idx, w = ib._rows_and_weights(s, mask)
+                    mp.setattr(ib, "_rows_and_weights", lambda *_a: (rows, idx, w))
+                    mp.setattr(ib, "_validate", lambda *_a: (0.1, None if probs else 0.07))
+                    loss = ibot_patch_loss(s, t, mask, c)
+                    loss.backward(torch.tensor(65536.0))
+            assert rec.launches and not rec.unregistered(), [x.describe() for x in
+                                                             rec.unregistered()]
+            assert not inside
+            want = ibot_patch_loss_ref(s.detach().double(), t.double(), mask,
+                                       None if c is None else c.double())
+            assert abs(loss.item() - want.item()) < 1e-5 * abs(want.item())
