@@ -167,6 +167,24 @@ def test_registers_and_layer_scale_reach_student_and_teacher(tmp_path):
     assert torch.all(m.backbone.blocks[0].ls1.gamma == 1e-5)
 
 
+def test_the_patch_embedding_learns_at_a_fifth_of_the_lr(tmp_path):
+    cfg, m = build(tmp_path)
+    groups = m.param_groups(cfg)
+    embed = {id(p) for p in m.backbone.patch_embed.parameters()}
+    seen = []
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        if ids & embed:
+            assert ids <= embed and g["lr_scale"] == pytest.approx(0.2)
+        else:
+            assert g.get("lr_scale", 1.0) == 1.0
+        seen += list(ids)
+    assert len(seen) == len(set(seen))  # each parameter in one group
+    assert set(seen) == {id(p) for p in m.parameters() if p.requires_grad}
+    frozen = [g for g in groups if g.get("name") == "last_layer"]
+    assert frozen and all(g["freeze_steps"] == cfg.freeze_last_layer_epochs * 10 for g in frozen)
+
+
 def test_presets_follow_the_dinov2_configs():
     from selfsup.engine.config import resolve
 

@@ -24,9 +24,9 @@ lr 0.004 * sqrt(batch / 1024) (here blr 0.004 / 32 with --lr-scaling sqrt), wd 0
 10 warm-up epochs of 100, EMA 0.992 -> 1, K = 65536 for both heads (shared), bottleneck 256,
 crops 0.32-1 and 8 locals of 0.05-0.32; vit_large14 / vit_giant14 follow its vitl14/vitg14
 configs: K = 131072, bottleneck 384, separate patch head, drop path 0.4, EMA 0.994, 500
-epochs, 80 warm-up, lr 2e-4 * sqrt(batch / 1024), wd end 0.2. Not reproduced: DINOv2's
-layer-wise lr decay (0.9 in the default config, 1.0 for L/g) and patch-embedding lr x 0.2,
-per-module gradient clipping (here the global norm), uniform drop path (here linear in depth),
+epochs, 80 warm-up, lr 2e-4 * sqrt(batch / 1024), wd end 0.2. Every size: the patch
+embedding at lr x 0.2. Not reproduced: DINOv2's layer-wise lr decay (0.9 in the default
+config, 1.0 for L/g, i.e. none), per-module gradient clipping (here the global norm), uniform drop path (here linear in depth),
 SwiGLU in ViT-g, 98-px local crops for patch 14 (here 96). docs/dinov2.md.
 """
 
@@ -43,6 +43,9 @@ from ..models.vit import ALIASES
 from .dino import CENTERINGS, sinkhorn_center, sinkhorn_dino_loss
 from .ibot import IBOT
 from .masking import BlockMasking
+
+# DINOv2's patch_embed_lr_mult (every config): the patch embedding learns at 0.2 x the lr
+PATCH_EMBED_LR_SCALE = 0.2
 
 # vitl14.yaml / vitg14.yaml over ssl_default_config (the ViT-L/g trained from scratch)
 _LARGE = dict(out_dim=131072, patch_out_dim=131072, proj_dim=384, separate_patch_head=True,
@@ -81,6 +84,19 @@ class DINOv2(IBOT):
         if ALIASES.get(arch, arch) in ("vit_large14", "vit_giant14"):
             base.update(_LARGE)
         return base
+
+    def param_groups(self, cfg) -> list[dict]:
+        """IBOT's groups (weight decay split, the last layers frozen for epoch 1), with the
+        student's patch embedding in groups of its own at lr x PATCH_EMBED_LR_SCALE."""
+        slow = {id(p) for p in self.backbone.patch_embed.parameters()}
+        out = []
+        for g in super().param_groups(cfg):
+            for is_slow in (False, True):
+                ps = [p for p in g["params"] if (id(p) in slow) == is_slow]
+                if ps:
+                    scale = g.get("lr_scale", 1.0) * (PATCH_EMBED_LR_SCALE if is_slow else 1.0)
+                    out.append({**g, "params": ps, **({"lr_scale": scale} if is_slow else {})})
+        return out
 
     # ------------------------------------------------------------------ IBOT's hooks
     def masking(self, grid: tuple[int, int]) -> BlockMasking:
