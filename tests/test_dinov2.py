@@ -141,6 +141,15 @@ def test_center_switch_gives_ibots_centered_teachers(tmp_path):
     assert cent.criterion.center.any() and cent.patch_criterion.center.any()  # EMA moved
 
 
+def test_a_batch_without_masks_gives_a_zero_patch_loss_under_sinkhorn(tmp_path):
+    # every rank still runs the patch Sinkhorn (its all-reduces) on 0 rows
+    _, m = build(tmp_path, "--mask-probability", "0")
+    out = m(views())
+    assert float(out["patch_loss"]) == 0.0 and float(out["masked_fraction"]) == 0.0
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
 def test_bad_flags_are_value_errors(tmp_path):
     with pytest.raises(ValueError, match="--koleo-weight"):
         build(tmp_path, "--koleo-weight", "-1")

@@ -174,7 +174,8 @@ def torchrun(*args: str, nproc: int = WORLD, timeout: int = 300) -> subprocess.C
 @pytest.mark.parametrize("method,arch,loader", [("mocov2", "resnet_tiny", "portable"),
                                                 ("mocov3", "resnet_tiny", "dali-cpu"),
                                                 ("dino", "vit_tiny", "portable"),
-                                                ("ibot", "vit_tiny", "portable")])
+                                                ("ibot", "vit_tiny", "portable"),
+                                                ("dinov2", "vit_tiny", "portable")])
 def test_torchrun_two_processes_trains(method, arch, loader, tmp_path):
     if loader.startswith("dali"):
         pytest.importorskip("nvidia.dali")
