@@ -55,15 +55,15 @@ def _ibot_fwd_kernel(
         mask = live[:, None] & mk[None, :]
         t = tl.load(t_ptr + rows[:, None] * stride_t + k_offs[None, :], mask=mask,
                     other=0.0).to(acc_ty)
-        x = tl.load(s_ptr + rows[:, None] * stride_s + k_offs[None, :], mask=mask,
-                    other=0.0).to(acc_ty) * inv_ts
         csum += tl.sum(t, axis=0)  # masked lanes loaded as 0
         part = j.to(tl.int64) * n_kt + pid_k
+        # the teacher's partials first, S loaded after: fewer tiles live at once (loaded
+        # together, the fp32 variant spilled 8 bytes on sm_90)
         if PROBS:  # P = T: plain sums (tm unused)
             plogp = tl.where(t > 0, t * tl.log(tl.where(t > 0, t, 1.0)), 0.0)
             tl.store(tl_ptr + part, tl.sum(t, axis=1), mask=mj)
             tl.store(ta_ptr + part, tl.sum(plogp, axis=1), mask=mj)
-            tl.store(td_ptr + part, tl.sum(t * x, axis=1), mask=mj)
+            e = t
         else:
             z = tl.where(mask, (t - c[None, :]) * inv_tt, float("-inf"))
             m = tl.where(live, tl.max(z, axis=1), 0.0)
@@ -72,7 +72,9 @@ def _ibot_fwd_kernel(
             tl.store(tm_ptr + part, m, mask=mj)
             tl.store(tl_ptr + part, tl.sum(e, axis=1), mask=mj)
             tl.store(ta_ptr + part, tl.sum(e * zs, axis=1), mask=mj)
-            tl.store(td_ptr + part, tl.sum(e * x, axis=1), mask=mj)
+        x = tl.load(s_ptr + rows[:, None] * stride_s + k_offs[None, :], mask=mask,
+                    other=0.0).to(acc_ty) * inv_ts
+        tl.store(td_ptr + part, tl.sum(e * x, axis=1), mask=mj)  # <P, x> unnormalised
         xm = tl.where(mask, x, float("-inf"))
         sm = tl.where(live, tl.max(xm, axis=1), 0.0)
         tl.store(sm_ptr + part, sm, mask=mj)
