@@ -325,7 +325,7 @@ def test_trains_two_steps_and_logs_both_losses(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         for k in ("loss", "cls_loss", "patch_loss", "teacher_entropy", "teacher_patch_entropy",
-                  "masked_fraction", "grad_norm"):
+                  "masked_fraction", "masked_images", "grad_norm"):
             assert math.isfinite(r[k]), (k, r)
         assert r["loss"] == pytest.approx(r["cls_loss"] + r["patch_loss"], rel=1e-5)
         assert 0 <= r["masked_fraction"] <= 0.5

@@ -41,8 +41,15 @@ from torch import nn
 from .. import dist
 from ..kernels import DINOLoss, iBOTPatchLoss, teacher_temp_schedule
 from ..models.heads import DINOHead
-from .common import Method, build_encoder, ema_update, frozen_copy, is_vit, momentum_at
-from .common import split_decay
+from .common import (
+    Method,
+    build_encoder,
+    ema_update,
+    frozen_copy,
+    is_vit,
+    momentum_at,
+    split_decay,
+)
 from .masking import BlockMasking, mask_rng
 
 
@@ -233,6 +240,7 @@ class IBOT(Method):
         grid = (g.shape[-2] // p, g.shape[-1] // p)
         masks = self.draw_masks(2 * g.shape[0], grid)  # (2B, N), crop-major like the batch
         n_masked = int(masks.sum())  # a host tensor: no device sync
+        n_images = int(masks.any(1).sum())  # images with a masked token (the rest add 0)
         idx = self._masked_index(masks, g.device)
         s = self.student(views, masks, idx)
         t = self.teacher(views, idx)
@@ -253,7 +261,8 @@ class IBOT(Method):
                 **{k: v.detach() for k, v in extra.items()},
                 "teacher_entropy": stats["teacher_entropy"], "kl": stats["kl"],
                 "teacher_patch_entropy": patch_entropy,
-                "masked_fraction": n_masked / masks.numel(), "teacher_temp": tau_cls,
+                "masked_fraction": n_masked / masks.numel(),
+                "masked_images": n_images / len(masks), "teacher_temp": tau_cls,
                 "teacher_patch_temp": tau_patch, "momentum": self.momentum,
                 "uniform_loss": uniform}
 
