@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .. import dist
 from ._utils import _check_positive
 
 NAMESPACE = "selfsup"
@@ -87,6 +88,20 @@ def join_temperature(tensor: torch.Tensor | None, value: float, name: str = "tem
         if device is not None and device.type != "cpu":
             return v
     return tensor
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """SUM of `x` across ranks, for a registered backward (Barlow Twins', VICReg's column
+    sums); `x` itself on one process. A functional collective (a fresh tensor, the group by
+    name): AOTAutograd traces it into a compiled backward as `_c10d_functional.all_reduce` +
+    `wait_tensor`, where the in-place `torch.distributed.all_reduce` would capture the
+    ProcessGroup object in the graph (compiling the backward then fails: it deep-copies the
+    graph and a ProcessGroup cannot be copied). Eager calls wait for it at first use."""
+    if not dist.is_dist():
+        return x
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.all_reduce(x, "sum", torch.distributed.group.WORLD)
 
 
 # ----------------------------------------------------------------------------- shared ops

@@ -48,7 +48,7 @@ import math
 import torch
 
 from .. import dist
-from ._custom_op import fused_op
+from ._custom_op import all_reduce_sum, fused_op
 from ._gram_torch import frob_cross, gram_apply
 from ._gram_triton import gram_dot
 from ._utils import FLOAT_DTYPES, check_same_device, choose_backend, compute_dtype
@@ -196,7 +196,7 @@ def _backward(ctx, grad, *_unused):
     g1, g2, mu1, rs1, mu2, rs2, c = ctx.saved_tensors
     da, db, sums = _bwd_op(g1, g2, mu1, rs1, mu2, rs2, c, ctx.lambd, ctx.lo, ctx.n_local)
     if ctx.world > 1:  # BatchNorm's backward over the global batch: the only collective
-        sums = dist.all_reduce_sum(sums)
+        sums = all_reduce_sum(sums)
     # BatchNorm backward (plain torch; A's local rows recomputed: elementwise)
     cdt, n, hi = c.dtype, g1.shape[0], ctx.lo + ctx.n_local
     a_r = (g1[ctx.lo:hi].to(cdt) - mu1) * rs1

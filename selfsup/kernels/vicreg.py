@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dist
-from ._custom_op import fused_op
+from ._custom_op import all_reduce_sum, fused_op
 from ._gram_torch import frob_cross, gram_apply
 from ._gram_triton import gram_dot
 from ._utils import choose_backend, compute_dtype
@@ -151,7 +151,7 @@ def _backward(ctx, grad, *_unused):
     sim, var, cov = ctx.w
     dx1, dx2, sums = _bwd_op(g1, g2, mu1, mu2, v1, v2, var, cov, ctx.lo, ctx.n_local)
     if ctx.world > 1:  # the centring's column sums over the global batch: the collective
-        sums = dist.all_reduce_sum(sums)
+        sums = all_reduce_sum(sums)
     cdt, (n, d), lo, hi = mu1.dtype, g1.shape, ctx.lo, ctx.lo + ctx.n_local
     d_inv = (2 * sim / (n * d)) * (g1[lo:hi].to(cdt) - g2[lo:hi].to(cdt))
     dz1 = (dx1 - sums[0] / n) + d_inv

@@ -113,8 +113,6 @@ def test_gathered_op_gradient_is_world_times_the_rows_own(seed, backend, monkeyp
     # world 2) returns 2 x d L(g) / d g[rank 1's rows] once the backward's all_reduce adds
     # rank 0's column sums (patched in: what a SUM over the two ranks gives);
     # tests/test_distributed_losses.py runs the real two-rank collectives
-    import selfsup.dist
-
     backend("torch")
     for name, mod in (("barlow", bt), ("vicreg", vr)):
         args = _fwd_args(name, "torch", torch.float64, gathered=True)
@@ -123,7 +121,7 @@ def test_gathered_op_gradient_is_world_times_the_rows_own(seed, backend, monkeyp
         w = (args[4],) if name == "barlow" else args[5:7]
         rank0 = mod._bwd_op(args[2], args[3], *out[1:], *w, 0, 5)[2]
         calls = []
-        monkeypatch.setattr(selfsup.dist, "all_reduce_sum",
+        monkeypatch.setattr(mod, "all_reduce_sum",
                             lambda x, r=rank0, c=calls: c.append(1) or x + r)
         g1, g2 = args[2].clone().requires_grad_(), args[3].clone().requires_grad_()
         want = torch.autograd.grad(fn(g1, g2, **kw) * UPSTREAM, (g1, g2))
@@ -283,3 +281,41 @@ def test_compiled_method_forward_matches_eager(seed, backend, name, extra):
     got = [loss.detach(), *torch.autograd.grad(loss * UPSTREAM, twin_params)]
     _assert_all_close(got, want, torch.float64)
     assert counter.frame_count == 1
+
+
+# ----------------------------------------------------------------------------- two ranks
+def _compiled_rank_main(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                             world_size=2)
+    try:
+        torch.manual_seed(0)  # one global batch on both ranks; each takes its half
+        z1, z2 = _views(12, 30, torch.float64)
+        rows = slice(6 * rank, 6 * (rank + 1))
+        out = {}
+        for name, (fn, kw) in PAIRS.items():
+            cfn, counter = _compiled(fn)
+            res = [_loss_and_grads(f, (z1[rows], z2[rows]), (True, True), **kw)
+                   for f in (fn, cfn)]
+            out[name] = (res, counter.frame_count)
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_compiled_pair_losses_on_two_ranks_match_eager(tmp_path, monkeypatch):
+    # the all-gather (traced by Dynamo) and the backward's functional all-reduce (traced by
+    # AOTAutograd) inside one fullgraph compile on 2 gloo ranks; eager's two-rank results
+    # equal one process on the whole batch (tests/test_distributed_losses.py)
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("SELFSUP_KERNELS", "torch")
+    mp.spawn(_compiled_rank_main, args=(str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2,
+             join=True)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, ((eager, compiled), frames) in out.items():
+            assert frames == 1, (rank, name)
+            _assert_all_close(compiled, eager, torch.float64)
