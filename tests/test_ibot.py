@@ -296,6 +296,7 @@ def test_no_masked_image_gives_a_zero_patch_loss_with_gradients(tmp_path):
     _, m = build(tmp_path, "--mask-probability", "0")
     out = m(views())
     assert out["patch_loss"] == 0 and out["masked_fraction"] == 0
+    assert out["uniform_loss"] == pytest.approx(math.log(128))  # the cls loss's ln K only
     out["loss"].backward()
     assert m.head.mlp[0].weight.grad is not None
 

@@ -255,8 +255,9 @@ class IBOT(Method):
         for v in extra.values():
             loss = loss + v
         stats = self.criterion.last_stats
-        uniform = (self.cls_weight * math.log(self.criterion.out_dim)
-                   + self.patch_weight * math.log(self.patch_criterion.out_dim))
+        # the loss of uniform outputs (collapse): the unmasked images add 0 to the patch loss
+        uniform = (self.cls_weight * math.log(self.criterion.out_dim) + self.patch_weight
+                   * n_images / len(masks) * math.log(self.patch_criterion.out_dim))
         return {"loss": loss, "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach(),
                 **{k: v.detach() for k, v in extra.items()},
                 "teacher_entropy": stats["teacher_entropy"], "kl": stats["kl"],
