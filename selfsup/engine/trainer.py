@@ -420,16 +420,6 @@ def compile_modules(method: nn.Module, backend: str = "inductor") -> list[str]:
     return names
 
 
-def agree(*flags: bool) -> list[bool]:
-    """OR each flag across ranks (one tiny all_reduce), so every rank stops at the same step.
-    (selfsup.finetune's loop; the pre-training loop checks through step.NonFiniteWatch.)"""
-    if not dist.is_dist():
-        return list(flags)
-    t = torch.tensor([float(f) for f in flags],
-                     device="cuda" if torch.cuda.is_available() else "cpu")
-    return [bool(v) for v in dist.all_reduce_sum(t).tolist()]
-
-
 def wrap_distributed(method: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
     """DDP (or FSDP2 with --fsdp) across ranks; the method itself on one process."""
     if not dist.is_dist():

@@ -4,7 +4,10 @@ Each op family lives in one file and offers three paths, picked per call by
 `choose_backend` (``SELFSUP_KERNELS=triton|torch|ref`` forces one):
 
 - Triton kernels on CUDA (and on CPU under ``TRITON_INTERPRET=1`` for testing);
-- a portable chunked torch path with a custom autograd.Function;
+- a portable chunked torch path. The fused families (InfoNCE, DINO, iBOT, MAE, Barlow
+  Twins, VICReg) run both paths inside torch custom ops (`torch.ops.selfsup.*`: fake
+  implementations and registered autograd, so torch.compile traces them); KoLeo and SwAV
+  are plain torch;
 - a plain-torch ``*_ref`` written like the paper, the test oracle.
 
 Works without CUDA and without triton installed.

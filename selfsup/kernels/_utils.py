@@ -3,7 +3,7 @@
 Every public op in `selfsup.kernels` has three implementations:
 
 - ``"ref"``    plain torch written like the paper's pseudocode (the test oracle);
-- ``"torch"``  the portable path: chunked torch with a custom autograd.Function, any device;
+- ``"torch"``  the portable path: chunked torch inside the torch custom ops, any device;
 - ``"triton"`` the fused Triton kernels: on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
 
 `choose_backend` picks one per call. ``SELFSUP_KERNELS=triton|torch|ref`` forces a path; it is
