@@ -99,7 +99,9 @@ def sinkhorn_center(logits: torch.Tensor, temperature, n_iters: int = 3) -> torc
     for it in range(n_iters):
         log_r = -_lse_over_rows(z.clone() if log_c is None else z + log_c[:, None])
         if it < n_iters - 1:
-            log_c = -torch.logsumexp(z + log_r, dim=1)
+            y = z + log_r  # per row, local: in place, so z and one temporary are all
+            m = y.amax(1, keepdim=True)
+            log_c = -(m.squeeze(1) + y.sub_(m).exp_().sum(1).log())
     # no rows on any rank (no masked patch anywhere): any finite center, the loss is 0
     log_r = torch.where(torch.isfinite(log_r), log_r, torch.zeros_like(log_r))
     return (-temperature * log_r).reshape(1, -1)
