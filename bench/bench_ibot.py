@@ -81,9 +81,9 @@ def test_ibot_loss(benchmark, monkeypatch, impl, shape, dtype, mode, threads):
         if mode == "fwd":
             with torch.no_grad():
                 return loss_fn()
-        s.grad = None
         loss = loss_fn()
         loss.backward()
+        s.grad = None  # freed after, not before: the peak then counts the new gradient
         return loss
 
     nbytes = _bytes(m, k, s.element_size(), mode)
