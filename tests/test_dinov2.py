@@ -221,6 +221,21 @@ def test_presets_follow_the_dinov2_configs():
     assert b.out_dim == 65536 and not b.separate_patch_head
 
 
+@pytest.mark.parametrize("arch,img,patch,local", [("vit_s14", 224, None, 98),
+                                                  ("vit_small", 224, None, 96),
+                                                  ("vit_tiny", 32, None, 16),
+                                                  ("vit_tiny", 224, 14, 98)])
+def test_local_crops_are_a_whole_number_of_patches(arch, img, patch, local):
+    from selfsup.engine.config import resolve
+
+    cli = {"method": "dinov2", "arch": arch, "img_size": img}
+    if patch:
+        cli["patch_size"] = patch
+    cfg = resolve(cli, method_class("dinov2").preset)
+    kw = method_class("dinov2").recipe_kwargs(cfg)
+    assert kw["local_size"] == local and kw["n_local"] == 8
+
+
 def test_masks_are_dinov2s_stratified_draw(tmp_path):
     _, m = build(tmp_path)
     gen = m.masking((8, 8))

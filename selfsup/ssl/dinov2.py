@@ -27,7 +27,8 @@ configs: K = 131072, bottleneck 384, separate patch head, drop path 0.4, EMA 0.9
 epochs, 80 warm-up, lr 2e-4 * sqrt(batch / 1024), wd end 0.2. Every size: the patch
 embedding at lr x 0.2. Not reproduced: DINOv2's layer-wise lr decay (0.9 in the default
 config, 1.0 for L/g, i.e. none), per-module gradient clipping (here the global norm), uniform drop path (here linear in depth),
-SwiGLU in ViT-g, 98-px local crops for patch 14 (here 96). docs/dinov2.md.
+SwiGLU in ViT-g. Local crops are a whole number of patches (98 px at 224 for patch 14, as
+DINOv2's L/g configs). docs/dinov2.md.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ import torch
 
 from ..kernels import koleo_loss
 from ..kernels.ibot import _ibot_loss_with_stats
-from ..models.vit import ALIASES
+from ..data.recipes import dino_local_size
+from ..models.vit import ALIASES, ARCHS
 from .dino import CENTERINGS, sinkhorn_center, sinkhorn_dino_loss
 from .ibot import IBOT
 from .masking import BlockMasking
@@ -97,6 +99,20 @@ class DINOv2(IBOT):
                     scale = g.get("lr_scale", 1.0) * (PATCH_EMBED_LR_SCALE if is_slow else 1.0)
                     out.append({**g, "params": ps, **({"lr_scale": scale} if is_slow else {})})
         return out
+
+    @classmethod
+    def recipe_kwargs(cls, cfg) -> dict:
+        """IBOT's, with local crops a whole number of patches wide: DINOv2's 98 px at 224 for
+        patch 14 (96 px would leave 12 px outside the patch grid); patch 16 / 8 / 4 keep
+        DINO's 96/224 of the global size. Needs --img-size (the loader's default is decided
+        later)."""
+        kw = super().recipe_kwargs(cfg)
+        arch = ARCHS.get(ALIASES.get(cfg.arch, cfg.arch))
+        img = cfg.img_size
+        if img and arch is not None:
+            p = cfg.patch_size or (4 if img <= 64 else arch.patch_size)  # as build_encoder
+            kw["local_size"] = p * max(1, round(dino_local_size(img) / p))
+        return kw
 
     # ------------------------------------------------------------------ IBOT's hooks
     def masking(self, grid: tuple[int, int]) -> BlockMasking:
