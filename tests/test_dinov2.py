@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_dino_sinkhorn import sinkhorn_loss_ref, teacher_logits
+from test_trainer import config, read_log
 
 from selfsup import export as export_cli
 from selfsup.engine.init_from import apply_init_from
@@ -16,8 +18,6 @@ from selfsup.engine.trainer import method_class, train
 from selfsup.kernels import ibot_patch_loss_ref, koleo_loss_ref
 from selfsup.kernels.swav import sinkhorn_knopp_ref
 from selfsup.kernels.testing import TOL64
-from test_dino_sinkhorn import sinkhorn_loss_ref, teacher_logits
-from test_trainer import config, read_log
 
 VIT = ["--arch", "vit_tiny", "--img-size", "32", "--batch-size", "8", "--drop-path", "0"]
 

@@ -26,9 +26,9 @@ crops 0.32-1 and 8 locals of 0.05-0.32; vit_large14 / vit_giant14 follow its vit
 configs: K = 131072, bottleneck 384, separate patch head, drop path 0.4, EMA 0.994, 500
 epochs, 80 warm-up, lr 2e-4 * sqrt(batch / 1024), wd end 0.2. Every size: the patch
 embedding at lr x 0.2. Not reproduced: DINOv2's layer-wise lr decay (0.9 in the default
-config, 1.0 for L/g, i.e. none), per-module gradient clipping (here the global norm), uniform drop path (here linear in depth),
-SwiGLU in ViT-g. Local crops are a whole number of patches (98 px at 224 for patch 14, as
-DINOv2's L/g configs). docs/dinov2.md.
+config, 1.0 for L/g, i.e. none), per-module gradient clipping (here the global norm),
+uniform drop path (here linear in depth), SwiGLU in ViT-g. Local crops are a whole number
+of patches (98 px at 224 for patch 14, as DINOv2's L/g configs). docs/dinov2.md.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from typing import ClassVar
 
 import torch
 
+from ..data.recipes import dino_local_size
 from ..kernels import koleo_loss
 from ..kernels.ibot import _ibot_loss_with_stats
-from ..data.recipes import dino_local_size
 from ..models.vit import ALIASES, ARCHS
 from .dino import CENTERINGS, sinkhorn_center, sinkhorn_dino_loss
 from .ibot import IBOT
