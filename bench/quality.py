@@ -139,7 +139,7 @@ RECIPES: dict[str, tuple[int, list[str]]] = {
     # a 1024-row queue from epoch 1 (batch 128 < K), LARS at Barlow Twins' lr 2.0 (blr 4), the
     # prototypes frozen for the first epoch; eps 0.03, no freeze, LARS on BN / biases too
     # (the official LARC) were no better (docs/quality.md's trials). 5500 steps: +5.4 in 9.5
-    # CPU minutes next to a load of ~9 on the 2 cores (~7.7 expected on a quiet machine)
+    # CPU minutes; with --seed 1 +4.8 in 8.9 (not recorded): met on the mean, not by much
     "swav": (5500, CNN + ["--batch-size", "128", "--blr", "4.0", "--n-local", "0",
                           "--out-dim", "300", "--queue-size", "1024",
                           "--queue-start-epochs", "1", "--proj-hidden", "1024",
