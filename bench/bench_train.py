@@ -21,7 +21,7 @@ from selfsup.engine.config import build_parser, resolve
 from selfsup.engine.optim import build_optimizer
 from selfsup.ssl import METHODS
 
-ARCH = {"dino": "vit_tiny", "mae": "vit_tiny"}
+ARCH = {"dino": "vit_tiny", "mae": "vit_tiny", "ibot": "vit_tiny", "dinov2": "vit_tiny"}
 SIZES = {
     # name: (batch, image side, extra flags)
     "small": (16, 16, ["--proj-hidden", "64", "--proj-dim", "32", "--pred-hidden", "64",
@@ -59,7 +59,8 @@ def build_step(method_name: str, size: str):
 
 
 def make_views(method, cfg, batch: int, img: int) -> list[torch.Tensor]:
-    n_views = {"dino": 2 + cfg.n_local, "mae": 1}.get(cfg.method, 2)
+    n_views = {"dino": 2 + cfg.n_local, "ibot": 2 + cfg.n_local, "dinov2": 2 + cfg.n_local,
+               "mae": 1}.get(cfg.method, 2)
     local = max(8, round(img * 96 / 224 / 8) * 8)
     sizes = [img if v < 2 else local for v in range(n_views)]
     g = torch.Generator().manual_seed(0)
