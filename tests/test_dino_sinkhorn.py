@@ -158,6 +158,9 @@ def test_unknown_centering_is_a_value_error():
         DINO(cfg)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--centering", "nope"])
+    cfg.centering, cfg.koleo_weight = "center", 0.1  # dinov2's regulariser is not dino's
+    with pytest.raises(ValueError, match="--koleo-weight .*dinov2"):
+        DINO(cfg)
 
 
 # ----------------------------------------------------------------------------- 2 ranks

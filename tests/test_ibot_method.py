@@ -286,6 +286,9 @@ def test_flags_reach_the_method(tmp_path):
                        (("--patch-loss-weight", "-1"), "patch-loss-weight")):
         with pytest.raises(ValueError, match=match):
             build(tmp_path / "bad", *bad)
+    for bad in (("--centering", "sinkhorn"), ("--koleo-weight", "0.1")):  # dinov2's flags
+        with pytest.raises(ValueError, match=f"{bad[0]} .*dinov2"):
+            build(tmp_path / "dv2", *bad)
     with pytest.raises(ValueError, match="ViT"):
         cfg = config("ibot", tmp_path / "r", "--arch", "resnet_tiny")
         cfg.extra.update(steps_per_epoch=10, schedule_steps=100)

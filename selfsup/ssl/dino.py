@@ -128,6 +128,9 @@ class DINO(Method):
 
     def __init__(self, cfg) -> None:
         super().__init__()
+        if cfg.koleo_weight:  # DINOv2's regulariser: not silently dropped
+            raise ValueError(f"--koleo-weight {cfg.koleo_weight} is dinov2's, not dino's: use "
+                             f"--method dinov2")
         vit = is_vit(cfg.arch)
         self.backbone = build_encoder(cfg, **({"pos_embed": "learned"} if vit else {}))
         self.head = DINOHead(self.backbone.feature_dim, cfg.out_dim, hidden_dim=cfg.proj_hidden,

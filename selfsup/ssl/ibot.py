@@ -63,6 +63,12 @@ class IBOT(Method):
         if not is_vit(cfg.arch):
             raise ValueError(f"{cfg.method} needs a ViT backbone (--arch vit_*): the masked "
                              f"patch loss reads patch tokens; got --arch {cfg.arch}")
+        if type(self) is IBOT:  # dinov2's flags would otherwise be silently ignored here
+            for flag, v, ok in (("--centering", cfg.centering, cfg.centering in (None, "center")),
+                                ("--koleo-weight", cfg.koleo_weight, not cfg.koleo_weight)):
+                if not ok:
+                    raise ValueError(f"{flag} {v} is dinov2's, not ibot's (iBOT centres its "
+                                     f"teachers by an EMA and has no KoLeo): use --method dinov2")
         self.backbone = build_encoder(cfg, pos_embed="learned", mask_token=True)
         self.shared_head = not cfg.separate_patch_head
         patch_dim = self._patch_out_dim(cfg)
