@@ -1,7 +1,8 @@
 """Self-supervised pre-training for every method: `python train.py --method mae --arch vit_h`.
 
 Flags come from selfsup.engine.config.Config (`python train.py --help`); precedence is
-defaults < the method's paper preset < the command line. Multi-GPU: `torchrun
+defaults < the method's paper preset (then its small-image preset, for images <= 64 px or with
+--preset small; docs/presets.md) < the command line. Multi-GPU: `torchrun
 --nproc_per_node N train.py ...`.
 
 With no arguments it runs the demo (DEMO below): a few CPU minutes of self-supervised training
@@ -17,25 +18,27 @@ import sys
 # batch 128 x 520 steps, a 0.5 mask, norm_pix off; about 6 CPU minutes, +5.2 k-NN points).
 # MoCo v1, BYOL, SimSiam and SimCLR gain more (+5.5 to +5.8), but in bf16, slow on CPUs without it;
 # this runs in fp32 everywhere. tests/test_quality.py checks it against quality.py's row.
-# --interp linear: the row ran bilinear crops, before MAE's preset took the official bicubic.
+# --interp linear: the row ran bilinear crops, before MAE's preset took the official bicubic;
+# --preset imagenet: the row ran before --preset existed, on the ImageNet preset (issue 26).
 DEMO = ["--method", "mae", "--arch", "vit_tiny", "--patch-size", "4", "--img-size", "16",
         "--steps", "520", "--batch-size", "128", "--optimizer", "adamw", "--lr", "1e-3",
         "--wd", "0.05", "--decoder-dim", "128", "--decoder-depth", "2", "--mask-ratio", "0.5",
         "--no-norm-pix", "--warmup-epochs", "0", "--knn-train-size", "5000",
-        "--knn-test-size", "5000", "--knn-every", "0", "--interp", "linear", "--out", "runs/demo"]
+        "--knn-test-size", "5000", "--knn-every", "0", "--interp", "linear", "--preset", "imagenet",
+        "--out", "runs/demo"]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     from selfsup.data import DatasetError
     from selfsup.engine.checkpoint import CheckpointError
-    from selfsup.engine.config import Config, build_parser, resolve
-    from selfsup.engine.trainer import NonFiniteLossError, method_class, train
+    from selfsup.engine.config import build_parser, resolve_method
+    from selfsup.engine.trainer import NonFiniteLossError, train
 
     demo = not argv
     args = vars(build_parser().parse_args(DEMO if demo else argv))
     try:
-        cfg = resolve(args, method_class(args.get("method", Config.method)).preset)
+        cfg = resolve_method(args)  # the preset chosen from --data (docs/presets.md)
         if demo:
             print("demo: python train.py " + " ".join(DEMO), flush=True)
         summary = train(cfg)

@@ -243,14 +243,12 @@ def parse_only(entry: str, args: list[str], env: dict) -> argparse.Namespace | N
 
 
 def check_train_config(ns: argparse.Namespace) -> None:
-    from selfsup.engine.config import Config, resolve
-    from selfsup.engine.trainer import method_class
+    from selfsup.engine.config import resolve_method
     from selfsup.models import ALIASES, ARCHS
 
     cli = vars(ns)
     try:
-        cls = method_class(cli.get("method", Config.method))
-        cfg = resolve(cli, cls.preset)
+        cfg = resolve_method(cli)  # as train.py: the preset chosen from --data
     except Exception as e:  # noqa: BLE001 - whatever it is, the documented command is broken
         raise CommandError(f"train.py's config does not resolve: {e!r}") from e
     if ALIASES.get(cfg.arch, cfg.arch) not in ARCHS:

@@ -17,7 +17,7 @@ from torch import nn
 
 from selfsup.data import dali_plugin, get_recipe
 from selfsup.data import transforms as T
-from selfsup.engine.config import build_parser, resolve
+from selfsup.engine.config import build_parser, resolve, resolve_cli
 from selfsup.engine.optim import clip_per_param_
 from selfsup.engine.trainer import clip_gradients, lr_schedule, method_class, recipe_name
 from selfsup.models import build_backbone
@@ -405,7 +405,10 @@ def test_recorded_rows_pin_the_behaviour_they_ran(row):
     """The rows were measured before issue 25's presets: their commands must still run the
     old recipe, optimizer groups, init and clipping (numbers are never re-recorded)."""
     argv = row["command"].split()[2:]
-    cfg = resolve(vars(build_parser().parse_args(argv)), method_class(row["method"]).preset)
+    if "--preset" not in argv:  # recorded before --preset existed: on the ImageNet presets
+        argv += ["--preset", "imagenet"]
+    cfg = resolve_cli(argv)
+    assert cfg.preset == "imagenet"
     cls = method_class(cfg.method)
     assert recipe_name(cfg, cls) == OLD_RECIPES[cfg.method]
     assert {v.interp for v in train_recipe(cfg).views} == {"linear"}
@@ -415,7 +418,8 @@ def test_recorded_rows_pin_the_behaviour_they_ran(row):
     assert cfg.jitter_strength is None and cfg.local_crop_scale is None
     assert cfg.norm_last_layer is not False
     pin = _quality().PIN.get(row["method"], [])
-    assert " ".join(pin) in row["command"]  # the same flags as quality.py's PIN
+    assert pin[-2:] == ["--preset", "imagenet"]  # issue 26: what the row ran, said explicitly
+    assert " ".join(pin[:-2]) in row["command"]  # the same flags as quality.py's PIN
 
 
 # ----------------------------------------------------------------------------- docs

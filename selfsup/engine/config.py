@@ -1,8 +1,11 @@
 """Config: one dataclass drives the trainer; the CLI is derived from its fields.
 
 Precedence: the dataclass defaults < the method's preset (`Method.preset(arch)`, the paper
-defaults) < what the command line gives. The resolved config is saved in the run folder as
-config.json, and checkpoints carry it.
+defaults; with --preset small, or automatically for images <= 64 px, then
+`Method.small_preset(arch)` on top: engine/presets.py) < what the command line gives. The
+resolved config is saved in the run folder as config.json (its `preset` field the one chosen),
+and checkpoints carry it. `resolve_cli(argv)` is what train.py runs: parse, choose the preset
+from --data, resolve.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 class Config:
     # ---------------------------------------------------------------- what to train
     method: str = "byol"  # a key of selfsup.ssl.METHODS
+    preset: str | None = None  # imagenet | small; None: small for images <= 64 px (presets.py)
     arch: str = "resnet_tiny"  # a backbone of selfsup.models.build_backbone
     data: str = "fashion-mnist"  # fashion-mnist | mnist | fashion-mnist-sample | image folder
     test_data: str | None = None  # labeled held-out set (the split folder, or DIR with val/)
@@ -70,6 +74,7 @@ class Config:
     ema_momentum: float | None = None  # base momentum of key / target / teacher encoder
     proj_dim: int | None = None  # projection output width
     proj_hidden: int | None = None  # projection hidden width
+    proj_layers: int | None = None  # SimSiam projector Linears (paper 3; its CIFAR recipe 2)
     pred_hidden: int | None = None  # predictor hidden width
     mlp_bias: bool | None = None  # bias in head Linears feeding no BN (MoCo v3: none)
     out_dim: int | None = None  # DINO head output width K
@@ -161,6 +166,7 @@ class Config:
 
 
 CHOICES = {
+    "preset": ("imagenet", "small"),
     "optimizer": ("sgd", "lars", "adamw"),
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
@@ -207,16 +213,70 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(cli: dict, preset_fn: typing.Callable[[str | None], dict] | None = None) -> Config:
-    """Merge defaults < preset < cli. `cli` holds only the flags the user gave."""
+def _merge(cfg: dict, preset: dict, what: str) -> None:
+    unknown = set(preset) - set(cfg)
+    if unknown:
+        raise ValueError(f"{what} sets unknown config keys: {sorted(unknown)}")
+    cfg.update(preset)
+
+
+def resolve(cli: dict, preset_fn: typing.Callable[[str | None], dict] | None = None,
+            small_preset_fn: typing.Callable[[str | None], dict] | None = None,
+            image_px: int | None = None) -> Config:
+    """Merge defaults < preset < (small preset) < cli. `cli` holds only the flags given.
+
+    With `small_preset_fn` the preset is chosen as train.py does (presets.choose: --preset,
+    else `image_px`, the training images' longer side); without it `preset_fn` alone applies
+    (the ImageNet preset, as before --preset existed) unless cli says --preset small, which
+    takes the small preset of the class `preset_fn` is bound to. resolve_method does all of
+    it from --data."""
+    from . import presets
+
     cfg = Config().to_dict()
+    presets.check_preset(cli.get("preset"))
+    name, why = cli.get("preset"), None
     if preset_fn is not None:
-        preset = preset_fn(cli.get("arch"))
-        unknown = set(preset) - set(cfg)
-        if unknown:
-            raise ValueError(f"method preset sets unknown config keys: {sorted(unknown)}")
-        cfg.update(preset)
+        if small_preset_fn is None and name == "small":
+            small_preset_fn = getattr(getattr(preset_fn, "__self__", None), "small_preset", None)
+            if small_preset_fn is None:
+                raise ValueError("--preset small: this method preset has no small_preset")
+        if small_preset_fn is not None:
+            name, why = presets.choose(cli, image_px)
+        else:
+            name = name or "imagenet"
+            why = "--preset imagenet" if cli.get("preset") else \
+                "the method's paper preset; resolved without the image size"
+        arch = cli.get("arch")
+        _merge(cfg, preset_fn(arch), "method preset")
+        if name == "small":
+            _merge(cfg, {**presets.SMALL_COMMON, **small_preset_fn(arch)},
+                   "method small preset")
     cfg.update(cli)
+    cfg["preset"] = name
     out = Config.from_dict(cfg)
     out.extra["cli_keys"] = sorted(cli)
+    if why:
+        out.extra["preset_why"] = why
     return out
+
+
+def resolve_method(cli: dict, image_px: int | None = None) -> Config:
+    """resolve() for the method named by cli (default: Config.method), with its ImageNet and
+    small presets, the choice made from the size of --data's images (image_px, measured from
+    --data by presets.image_px when not given) unless --preset is given."""
+    from ..ssl import METHODS
+    from . import presets
+
+    name = cli.get("method", Config.method)
+    if name not in METHODS:
+        raise ValueError(f"--method must be one of {sorted(METHODS)}, got {name!r}")
+    cls = METHODS[name]
+    presets.check_preset(cli.get("preset"))
+    if image_px is None and cli.get("preset") is None:
+        image_px = presets.image_px(cli.get("data", Config.data))
+    return resolve(cli, cls.preset, cls.small_preset, image_px)
+
+
+def resolve_cli(argv: list[str]) -> Config:
+    """What `python train.py ARGV` runs: parse the flags, choose the preset, resolve."""
+    return resolve_method(vars(build_parser().parse_args(list(argv))))

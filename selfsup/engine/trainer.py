@@ -34,6 +34,7 @@ from .monitors import (
     knn_accuracy,
 )
 from .optim import build_optimizer, clip_per_param_
+from .presets import describe as describe_preset
 from .prefetch import DevicePrefetcher
 from .runlog import Progress, RunLogger
 from .step import NonFiniteWatch, forward_backward, read_scalars
@@ -159,6 +160,8 @@ def train(cfg: Config) -> dict:
     device = setup_device(cfg)
     rank, world = dist.rank(), dist.world_size()
     main = rank == 0
+    if main:  # which method preset, and why (engine/presets.py): the first line of every run
+        print(describe_preset(cfg), flush=True)
     torch.manual_seed(cfg.seed + rank)
     run_dir = Path(cfg.out or f"runs/{cfg.method}-{cfg.arch}")
     cls = method_class(cfg)

@@ -22,7 +22,14 @@ import torch
 
 from ..kernels.barlow_twins import barlow_twins_loss
 from ..models.heads import MLP
-from .common import Method, build_encoder, collapse_stats, crop_pairs, split_decay
+from .common import (
+    SMALL_IMAGES,
+    Method,
+    build_encoder,
+    collapse_stats,
+    crop_pairs,
+    split_decay,
+)
 
 BIAS_LR = 0.0048 / 0.2  # the paper's bias / BN lr relative to the weights'
 
@@ -56,6 +63,12 @@ class BarlowTwins(Method):
     def preset(cls, arch):
         return dict(optimizer="lars", blr=0.2, wd=1.5e-6, warmup_epochs=10, epochs=1000,
                     proj_hidden=8192, proj_dim=8192, barlow_lambda=0.0051)
+
+    @classmethod
+    def small_preset(cls, arch):
+        # solo-learn's cifar/barlow.yaml (ResNet-18): a 2048-2048-2048 projector, LARS at lr
+        # 0.3 x B / 256, wd 1e-4, lambda 0.0051 as the paper
+        return dict(SMALL_IMAGES, proj_hidden=2048, proj_dim=2048, blr=0.3, wd=1e-4)
 
     def forward(self, views: list[torch.Tensor]) -> dict:
         z = encode_views(self.backbone, self.projector, views)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..models.heads import MLP
 from .common import (
+    SMALL_IMAGES,
     Method,
     build_encoder,
     collapse_stats,
@@ -51,6 +52,13 @@ class BYOL(Method):
     def preset(cls, arch):
         return dict(optimizer="lars", blr=0.3, wd=1e-6, ema_momentum=0.99, proj_hidden=4096,
                     proj_dim=256, pred_hidden=4096, warmup_epochs=10, epochs=300)
+
+    @classmethod
+    def small_preset(cls, arch):
+        # no official CIFAR recipe; solo-learn's cifar/byol.yaml (ResNet-18): LARS at lr 1.0 x
+        # B / 256, wd 1e-5, tau 0.99, heads 4096 / 256 as the preset, no blur (solarize on the
+        # second view kept)
+        return dict(SMALL_IMAGES, blr=1.0, wd=1e-5)
 
     def forward(self, views: list[torch.Tensor]) -> dict:
         # multi-crop (--local-crops): every view predicts each global view's target but its

@@ -34,6 +34,12 @@ class Method(nn.Module):
         return {}
 
     @classmethod
+    def small_preset(cls, arch: str | None) -> dict:
+        """Overrides of preset(arch) for images <= 64 px (--preset small, chosen
+        automatically: engine/presets.py): the papers' CIFAR settings where they exist."""
+        return {}
+
+    @classmethod
     def recipe_kwargs(cls, cfg) -> dict:
         """Extra build_loader arguments: --crop-scale, and the multi-crop flags --local-crops /
         --n-local / --local-crop-scale for a method whose forward takes local views."""
@@ -53,6 +59,18 @@ class Method(nn.Module):
     def trained_encoder(self) -> nn.Module:
         """The backbone the optimizer updates (gradient monitors read its first layer)."""
         return self.backbone
+
+
+# ----------------------------------------------------------------------------- small images
+# What every method's small preset (Method.small_preset, images <= 64 px) shares, all about
+# the image size, none about one dataset:
+# - no Gaussian blur: SimCLR's CIFAR-10 recipe (appendix B.9) and solo-learn's CIFAR
+#   augmentations (blur probability 0); a 23-px kernel at 32 px erases what tells classes apart
+# - random-resized crops of 0.3-1 of the area: at 28-32 px a 0.08 crop is 8-9 px wide,
+#   upsampled 3.5x; on Fashion-MNIST 0.3-1 beat 0.08-1 (docs/quality.md)
+# - batch 128: the lr still follows --blr x batch / 256; on small images a run is step-bound
+#   and batches of 64-128 gained more per CPU minute than 256 (docs/quality.md)
+SMALL_IMAGES = dict(blur=False, crop_scale=(0.3, 1.0), batch_size=128)
 
 
 # ----------------------------------------------------------------------------- building

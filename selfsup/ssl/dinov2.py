@@ -87,6 +87,17 @@ class DINOv2(IBOT):
             base.update(_LARGE)
         return base
 
+    @classmethod
+    def small_preset(cls, arch):
+        # no CIFAR recipe in the paper: iBOT's small preset (DINO's, dino.DINO_SMALL, with the
+        # patch head as wide) and DINO's optimizer, blr 5e-4 x B / 256 (the sqrt rule's
+        # 0.004 x sqrt(B / 1024) is 5.6x that at batch 128), DINO's drop path 0.1 for a small
+        # ViT (0.3 is the ViT-L/g value) and LayerScale 0.1, CaiT's init for nets of <= 18
+        # blocks trained from scratch (DINOv2's 1e-5 is for ViT-g: at 12 blocks it starts every
+        # residual branch nearly off; docs/quality.md)
+        return dict(super().small_preset(arch), lr_scaling="linear", blr=5e-4, drop_path=0.1,
+                    layer_scale=0.1)
+
     def param_groups(self, cfg) -> list[dict]:
         """IBOT's groups (weight decay split, the last layers frozen for epoch 1), with the
         student's patch embedding in groups of its own at lr x PATCH_EMBED_LR_SCALE."""

@@ -152,6 +152,14 @@ class IBOT(Method):
                     patch_loss_weight=1.0, crop_scale=(0.25, 1.0),
                     local_crop_scale=(0.05, 0.25), **vit)
 
+    @classmethod
+    def small_preset(cls, arch):
+        # no CIFAR recipe in the paper: DINO's small preset (dino.DINO_SMALL: 2 locals of
+        # 0.2-0.5, globals of 0.5-1, K 4096) with the patch head as wide as the shared one
+        from .dino import DINO_SMALL
+
+        return dict(DINO_SMALL, patch_out_dim=DINO_SMALL["out_dim"])
+
     # ------------------------------------------------------------------------- hooks
     def masking(self, grid: tuple[int, int]) -> BlockMasking:
         """The mask generator for a patch grid (iBOT: each image independently)."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .. import dist
 from ..kernels import MoCoQueue, info_nce_queue
 from ..models.heads import MLP
-from .common import Method, build_encoder, collapse_stats, ema_update, frozen_copy
+from .common import SMALL_IMAGES, Method, build_encoder, collapse_stats, ema_update, frozen_copy
 
 GROUP = 32  # samples per emulated "GPU" for single-process shuffle BN
 QUEUE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # by --precision
@@ -65,6 +65,15 @@ class MoCo(Method):
                     ema_momentum=0.999, proj_dim=128,
                     optimizer="sgd", blr=0.03, wd=1e-4, momentum=0.9, epochs=200,
                     shuffle_bn=True, decay_all=True, **v1)
+
+    @classmethod
+    def small_preset(cls, arch):
+        # the official MoCo CIFAR-10 demo (facebookresearch/moco, colab/moco_cifar10_demo):
+        # lr 0.06 at batch 512 (blr 0.03), wd 5e-4, T 0.1, K 4096, m 0.99, a cosine lr (v1
+        # too). Its symmetric loss is not implemented here (docs/presets.md).
+        v1 = dict(lr_schedule="cosine", lr_milestones=None) if cls.version == 1 else {}
+        return dict(SMALL_IMAGES, blr=0.03, wd=5e-4, temperature=0.1, queue_size=4096,
+                    ema_momentum=0.99, **v1)
 
     # ------------------------------------------------------------------ encoders
     def query(self, x: torch.Tensor) -> torch.Tensor:

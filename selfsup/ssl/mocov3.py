@@ -25,6 +25,7 @@ from .. import dist
 from ..kernels import info_nce_batch
 from ..models.heads import MLP
 from .common import (
+    SMALL_IMAGES,
     Method,
     build_encoder,
     collapse_stats,
@@ -64,6 +65,14 @@ class MoCoV3(Method):
                         warmup_epochs=40, epochs=300)
         return dict(common, temperature=1.0, optimizer="lars", blr=0.6, wd=1e-6,
                     warmup_epochs=10, epochs=100, zero_init_residual=True)
+
+    @classmethod
+    def small_preset(cls, arch):
+        # no official CIFAR recipe; solo-learn's cifar/mocov3.yaml (ResNet-18): T 0.2, LARS at
+        # lr 0.3 x B / 256, wd 1e-6, tau 0.99, heads 4096 / 256 as the preset. A ViT keeps the
+        # paper's AdamW (its T is 0.2 already).
+        return dict(SMALL_IMAGES, temperature=0.2,
+                    **({} if is_vit(arch) else dict(blr=0.3)))
 
     @classmethod
     def recipe_kwargs(cls, cfg) -> dict:

@@ -26,6 +26,7 @@ from .. import dist
 from ..kernels import nt_xent
 from ..models.heads import MLP
 from .common import (
+    SMALL_IMAGES,
     Method,
     build_encoder,
     collapse_stats,
@@ -72,6 +73,12 @@ class SimCLR(Method):
     def preset(cls, arch):
         return dict(optimizer="lars", blr=0.3, wd=1e-6, temperature=0.1, proj_hidden=2048,
                     proj_dim=128, warmup_epochs=10, epochs=100)
+
+    @classmethod
+    def small_preset(cls, arch):
+        # the paper's CIFAR-10 recipe (Chen et al. 2020, appendix B.9): T 0.5, colour
+        # distortion of strength 0.5, no blur; LARS and wd 1e-6 as the ImageNet preset
+        return dict(SMALL_IMAGES, temperature=0.5, jitter_strength=0.5)
 
     @classmethod
     def recipe_kwargs(cls, cfg) -> dict:

@@ -19,6 +19,7 @@ import torch
 
 from ..models.heads import MLP
 from .common import (
+    SMALL_IMAGES,
     Method,
     build_encoder,
     collapse_stats,
@@ -39,7 +40,8 @@ class SimSiam(Method):
         self.backbone = build_encoder(cfg)
         d, out = self.backbone.feature_dim, cfg.proj_dim
         hid = cfg.proj_hidden or d  # official: the backbone's width
-        self.projector = MLP(d, hid, out, 3, bn=True, last_bn=True, last_bn_affine=False)
+        layers = cfg.proj_layers or 3  # the paper's CIFAR-10 projector: 2 (small_preset)
+        self.projector = MLP(d, hid, out, layers, bn=True, last_bn=True, last_bn_affine=False)
         self.predictor = MLP(out, cfg.pred_hidden, out, 2, bn=True)
 
     @classmethod
@@ -47,6 +49,14 @@ class SimSiam(Method):
         return dict(optimizer="sgd", blr=0.05, wd=1e-4, momentum=0.9, proj_hidden=None,
                     proj_dim=2048, pred_hidden=512, epochs=100, decay_all=True,
                     zero_init_residual=not is_vit(arch))
+
+    @classmethod
+    def small_preset(cls, arch):
+        # the paper's CIFAR-10 settings (Chen & He 2021, appendix B): SGD at lr 0.03 x B / 256
+        # (B 512 there), wd 5e-4, momentum 0.9, a 2-layer projector of width 2048, the
+        # predictor's hidden 512
+        return dict(SMALL_IMAGES, optimizer="sgd", blr=0.03, wd=5e-4, momentum=0.9,
+                    proj_hidden=2048, proj_dim=2048, proj_layers=2, pred_hidden=512)
 
     def forward(self, views: list[torch.Tensor]) -> dict:
         # multi-crop (--local-crops): every view predicts each global view's z but its own,

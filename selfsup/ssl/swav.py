@@ -30,7 +30,7 @@ from torch import nn
 from .. import dist
 from ..kernels.swav import sinkhorn_knopp, swav_loss
 from ..models.heads import MLP
-from .common import Method, build_encoder, multicrop_forward, split_decay
+from .common import SMALL_IMAGES, Method, build_encoder, multicrop_forward, split_decay
 
 N_ASSIGN = 2  # the codes are computed for the 2 global views (crops_for_assign 0 1)
 
@@ -99,6 +99,16 @@ class SwAV(Method):
                     temperature=0.1, sinkhorn_eps=0.05, sinkhorn_iters=3, out_dim=3000,
                     proj_hidden=2048, proj_dim=128, n_local=6, queue_size=3840,
                     queue_start_epochs=15, freeze_last_layer_epochs=1)
+
+    @classmethod
+    def small_preset(cls, arch):
+        # no official CIFAR recipe; solo-learn's cifar/swav.yaml (ResNet-18): the 2 crops of
+        # 32 px without multi-crop (at 28-32 px the paper's 16-px locals of 0.05-0.14 are
+        # 6-10 px; on Fashion-MNIST they cost more than they gave, docs/quality.md), LARS at
+        # lr 0.6 x B / 256, wd 1e-6, K 3000, queue 3840 from epoch 50, prototypes frozen for
+        # 2 epochs, T 0.1
+        return dict(SMALL_IMAGES, n_local=0, blr=0.6, queue_start_epochs=50,
+                    freeze_last_layer_epochs=2)
 
     @staticmethod
     def _forget_counters(module, incompatible_keys) -> None:

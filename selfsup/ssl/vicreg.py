@@ -21,7 +21,7 @@ import torch
 
 from ..kernels.vicreg import vicreg_loss
 from .barlowtwins import encode_views, projector_8192
-from .common import Method, build_encoder, collapse_stats, crop_pairs
+from .common import SMALL_IMAGES, Method, build_encoder, collapse_stats, crop_pairs
 
 
 class VICReg(Method):
@@ -44,6 +44,12 @@ class VICReg(Method):
     def preset(cls, arch):
         return dict(optimizer="lars", blr=0.2, wd=1e-6, warmup_epochs=10, epochs=1000,
                     proj_hidden=8192, proj_dim=8192, vicreg_weights=(25.0, 25.0, 1.0))
+
+    @classmethod
+    def small_preset(cls, arch):
+        # solo-learn's cifar/vicreg.yaml (ResNet-18): a 2048-2048-2048 expander, LARS at lr
+        # 0.3 x B / 256, wd 1e-4, weights 25 / 25 / 1 as the paper
+        return dict(SMALL_IMAGES, proj_hidden=2048, proj_dim=2048, blr=0.3, wd=1e-4)
 
     def forward(self, views: list[torch.Tensor]) -> dict:
         z = encode_views(self.backbone, self.projector, views)
