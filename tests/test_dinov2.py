@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from test_dino_sinkhorn import sinkhorn_loss_ref, teacher_logits
+from test_ibot_method import (
+    COMPILE_FLAGS,
+    assert_compiled_steps_match_eager,
+    assert_eager_steps_unchanged,
+    compile_masked_forward,
+)
 from test_trainer import config, read_log
 
 from selfsup import export as export_cli
@@ -159,6 +165,21 @@ def test_bad_flags_are_value_errors(tmp_path):
         method_class(cfg)(cfg)
     with pytest.raises(ValueError, match="ViT"):
         build(tmp_path, arch_flags=["--arch", "resnet_tiny"])
+
+
+# ----------------------------------------------------------------------------- compile
+# IBOT's device temperatures reach the Sinkhorn teachers (sinkhorn_center) as a 0-d tensor
+@pytest.mark.parametrize("centering", ["sinkhorn", "center"])
+def test_eager_steps_are_bit_identical_to_float_temperatures(seed, tmp_path, centering):
+    _, m = build(tmp_path, "--out-dim", "64", "--centering", centering)  # warm-up: 100 steps
+    assert_eager_steps_unchanged(m, warm=100, loss_keys=("loss", "cls_loss", "patch_loss",
+                                                         "koleo"))
+
+
+@pytest.mark.parametrize("centering", ["sinkhorn", "center"])
+def test_compiled_dinov2_matches_eager_without_recompiling(seed, tmp_path, centering):
+    _, m = build(tmp_path, *COMPILE_FLAGS, "--centering", centering)
+    assert_compiled_steps_match_eager(m.double(), compile_masked_forward)
 
 
 # ----------------------------------------------------------------------------- model

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import config, read_log
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from selfsup.engine import checkpoint as ckpt
 from selfsup.engine.init_from import apply_init_from
 from selfsup.engine.trainer import method_class, train
-from selfsup.kernels.testing import fresh_seed
+from selfsup.kernels import teacher_temp_schedule
+from selfsup.kernels.testing import TOL64, fresh_seed
 from selfsup.models import build_backbone
 from selfsup.ssl.masking import BlockMasking, block_mask, draw_blocks, mask_rng
-from test_trainer import config, read_log
 
 IBOT = ["--arch", "vit_tiny", "--img-size", "32", "--batch-size", "8"]  # 8 x 8 patch grid
 
@@ -272,8 +274,10 @@ def test_flags_reach_the_method(tmp_path):
                    "--warmup-teacher-patch-temp", "0.03")
     assert m.mask_ratio == (0.2, 0.3) and m.mask_probability == 0.25
     assert m.masking((8, 8)).ratio == (0.2, 0.3) and m.patch_weight == 0.5
-    assert m.teacher_temps_at(0) == pytest.approx((0.04, 0.03))
-    assert m.teacher_temps_at(10 ** 6) == pytest.approx((0.07, 0.06))
+    assert [float(t) for t in m.teacher_temps_now()] == pytest.approx([0.04, 0.03])
+    m.step.fill_(10 ** 6)  # past the schedule: its last values
+    assert [float(t) for t in m.teacher_temps_now()] == pytest.approx([0.07, 0.06])
+    m.step.zero_()
     assert m.patch_criterion.student_temp == cfg.temperature == 0.1
     out = m(views())
     w = out["loss"] - out["cls_loss"]
@@ -378,3 +382,114 @@ def test_init_from_loads_dinov2_mask_token_and_keeps_ours_without_one(tmp_path):
     assert "mask_token" not in dino.backbone.state_dict()
     assert torch.equal(dino.backbone.blocks[0].attn.qkv.weight,
                        src.backbone.blocks[0].attn.qkv.weight)
+
+
+# ----------------------------------------------------------------------------- compile
+# The teacher temperatures are read on the device from the `step` buffer (as DINO's), so a
+# compiled forward does not recompile per step; eager results must not change for it.
+def float_temperatures(m, warm):
+    """The code path before the device schedules: Python floats of the schedules (built
+    here from the defaults, 0.04 -> 0.07 over `warm` of the 100 steps) at the host step."""
+    schedule = teacher_temp_schedule(100, warm, 0.04, 0.07)
+
+    def temps():
+        t = float(schedule[min(m._current_step(), 99)])
+        return t, t
+    return temps
+
+
+def assert_eager_steps_unchanged(new, warm, loss_keys=("loss", "cls_loss", "patch_loss"),
+                                 steps=2):
+    """`new` and a copy fed float temperatures give bit-identical losses, statistics,
+    gradients and centers over `steps` steps whose temperatures differ."""
+    old = copy.deepcopy(new)
+    old.teacher_temps_now = float_temperatures(old, warm)
+    temps = []
+    for step in range(steps):
+        batch = views()
+        got, want = new(batch), old(batch)
+        for out in (got, want):
+            out["loss"].backward()
+        for key in (*loss_keys, "teacher_entropy", "kl", "teacher_patch_entropy"):
+            assert torch.equal(got[key], want[key]), (step, key)
+        for key in ("teacher_temp", "teacher_patch_temp"):
+            assert isinstance(got[key], torch.Tensor) and float(got[key]) == want[key], key
+        assert float(got["momentum"]) == pytest.approx(old.momentum, rel=1e-7)
+        for (name, p), q in zip(new.named_parameters(), old.parameters(), strict=True):
+            assert (p.grad is None) == (q.grad is None) and (
+                p.grad is None or torch.equal(p.grad, q.grad)), (step, name)
+        for a, b in ((new.criterion, old.criterion), (new.patch_criterion, old.patch_criterion)):
+            assert torch.equal(a.center, b.center), step
+        temps.append(want["teacher_temp"])
+        for m in (new, old):
+            m.zero_grad()
+            m.on_step_end(step, 100)
+    assert len(set(temps)) == steps  # the warm-up moved between the steps
+
+
+def test_eager_steps_are_bit_identical_to_float_temperatures(seed, tmp_path):
+    # no stochastic depth (its draws would differ); warm-up over all 100 steps: 0.04, 0.0403
+    _, m = build(tmp_path, "--out-dim", "64", "--drop-path", "0")
+    assert_eager_steps_unchanged(m, warm=100)
+
+
+def assert_compiled_steps_match_eager(method, compiled, steps=3):
+    """3 steps of the method eager and of a deep copy with `compiled(copy, counter)` in place:
+    the same loss, gradients, statistics and centers, and one graph for all the steps (the
+    temperatures and the number of masked tokens M change every step)."""
+    from test_dino_sinkhorn import _loss_and_grads
+
+    for net in (method.backbone, method.t_backbone):  # tracing costs per block: 2 of 12
+        net.blocks = net.blocks[:2]
+    torch._dynamo.reset()
+    twin = copy.deepcopy(method)
+    counter = CompileCounterWithBackend("aot_eager")
+    fwd = compiled(twin, counter)
+    temps, counts = [], []
+    for step in range(steps):
+        # a local crop of the global size: a smaller one interpolates the position embedding
+        # (bicubic), which compile decomposes into ops ~5e-9 off in float64 (torch's, not
+        # ours), past TOL64 on cancelling gradient entries
+        batch = [v.double() for v in views(b=2, size=16, local=16, n_local=1)]
+        want_out, want = _loss_and_grads(method, method, batch)
+        got_out, got = _loss_and_grads(fwd, twin, batch)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, **TOL64)
+        for key in ("teacher_temp", "teacher_patch_temp", "momentum", "teacher_entropy", "kl",
+                    "teacher_patch_entropy", "masked_fraction", "uniform_loss"):
+            torch.testing.assert_close(torch.as_tensor(got_out[key]),
+                                       torch.as_tensor(want_out[key]), **TOL64, msg=key)
+        for crit in ("criterion", "patch_criterion"):
+            torch.testing.assert_close(getattr(twin, crit).center, getattr(method, crit).center,
+                                       **TOL64, msg=crit)
+        temps.append(float(got_out["teacher_temp"]))
+        counts.append(got_out["masked_fraction"])
+        for m in (method, twin):
+            m.on_step_end(step, 10)
+    assert len(set(temps)) > 1 and len(set(counts)) > 1  # both moved: nothing baked in
+    assert counter.frame_count == 1, counter.frame_count  # no recompile after the first step
+    torch._dynamo.reset()
+
+
+def compile_masked_forward(m, counter):
+    """What DINO compiles (students, teachers, heads, schedules, both losses and centers)
+    as one graph; the host mask draw stays eager (`IBOT.step_masks`)."""
+    m.masked_forward = torch.compile(m.masked_forward, backend=counter, fullgraph=True)
+    return m
+
+
+def compile_forward(m, counter):
+    """The whole forward: one graph break by design, at the host mask draw."""
+    return torch.compile(m.forward, backend=counter)
+
+
+COMPILE_FLAGS = ("--img-size", "16", "--out-dim", "40", "--n-local", "1", "--drop-path", "0",
+                 "--warmup-teacher-temp-epochs", "0.2", "--mask-probability", "1")
+
+
+@pytest.mark.parametrize("compiled", [compile_masked_forward, compile_forward],
+                         ids=["masked_forward-fullgraph", "forward"])
+def test_compiled_ibot_matches_eager_without_recompiling(seed, compiled, tmp_path):
+    # every image masked: M >= 2 at each step (dynamo gives M = 0 and M = 1 graphs of their own)
+    _, m = build(tmp_path, *COMPILE_FLAGS)
+    assert_compiled_steps_match_eager(m.double(), compiled)

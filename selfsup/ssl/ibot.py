@@ -26,7 +26,17 @@ locals of 0.05-0.25, drop path 0.1; masks: ratio U[0.1, 0.5] (pred_ratio 0.3 +- 
 the images (its pred_ratio list [0, 0.3] picks 0 or 0.3 per image).
 
 Hooks for subclasses (DINOv2): `cls_loss`, `patch_loss` (teacher centering), `extra_losses`
-(KoLeo), `masking` (the mask draw), `teacher_temps_at` (the temperature schedules).
+(KoLeo), `masking` (the mask draw).
+
+torch.compile: `forward` = `step_masks` (the mask draw, its counts, the masked-row indices:
+Python on the host by design, masking.py) + `masked_forward`, the rest, which compiles as one
+graph (fullgraph=True) that does not recompile as training advances. As DINO's, its teacher
+temperatures and logged momentum are computed on the device from the `step` buffer (a Python
+number that changes per step is a guard: a recompile per step), and the number of masked
+tokens M is marked dynamic (it changes every step; dynamo still gives M = 0 and M = 1 graphs
+of their own). `forward` itself compiles with one graph break, at `step_masks`, which is
+excluded from tracing (dynamo fails inside the draw: random.Random, Python lists, and then
+int(masks.sum())), so fullgraph=True of `forward` is refused by design.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from .common import (
     momentum_at,
     split_decay,
 )
+from .dino import DINO
 from .masking import BlockMasking, mask_rng
 
 
@@ -95,9 +106,15 @@ class IBOT(Method):
 
         spe, total = cfg.extra["steps_per_epoch"], cfg.extra["schedule_steps"]
         warm = min(total, round(cfg.warmup_teacher_temp_epochs * spe))
-        self.teacher_temps = teacher_temp_schedule(total, warm, cfg.warmup_teacher_temp,
-                                                   cfg.teacher_temp)
-        self.teacher_patch_temps = teacher_temp_schedule(total, warm, *self._patch_temps(cfg))
+        # Device buffers indexed by the `step` buffer, as DINO's (not persistent: rebuilt from
+        # the config). float64 as computed: on the CPU the loss reads the very float the
+        # schedule gave (results bit-identical to passing float(temps[i])); the kernels take a
+        # device tensor to their accumulation dtype themselves.
+        self.register_buffer("teacher_temps", teacher_temp_schedule(
+            total, warm, cfg.warmup_teacher_temp, cfg.teacher_temp), persistent=False)
+        self.register_buffer("teacher_patch_temps", teacher_temp_schedule(
+            total, warm, *self._patch_temps(cfg)), persistent=False)
+        self.total_steps = total  # momentum_now's schedule length
         self.freeze_steps = round(cfg.freeze_last_layer_epochs * spe)
         self.base_momentum = self.momentum = cfg.ema_momentum
 
@@ -168,17 +185,24 @@ class IBOT(Method):
                                                 probability=self.mask_probability)
         return self._maskings[grid]
 
-    def teacher_temps_at(self, step: int) -> tuple[float, float]:
-        """(cls, patch) teacher temperatures at an optimizer step."""
-        i = min(step, len(self.teacher_temps) - 1)
-        return float(self.teacher_temps[i]), float(self.teacher_patch_temps[i])
+    def teacher_temps_now(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cls, patch) teacher temperatures of this step: 0-d device tensors read at the `step`
+        buffer (index_select: indexing with a 0-d integer tensor would read it on the host)."""
+        i = self.step.clamp(max=len(self.teacher_temps) - 1).reshape(1)
+        return (self.teacher_temps.index_select(0, i).reshape(()),
+                self.teacher_patch_temps.index_select(0, i).reshape(()))
 
-    def cls_loss(self, s_cls: torch.Tensor, t_cls: torch.Tensor, tau: float) -> torch.Tensor:
+    # the EMA momentum of the last update on the device, only logged: DINO's, from the same
+    # attributes (step, base_momentum, total_steps)
+    momentum_now = DINO.momentum_now
+
+    def cls_loss(self, s_cls: torch.Tensor, t_cls: torch.Tensor, tau: torch.Tensor
+                 ) -> torch.Tensor:
         """DINO's loss over the crop pairs; stats in self.criterion.last_stats."""
         return self.criterion(s_cls, t_cls, teacher_temp=tau)
 
     def patch_loss(self, s_patch: torch.Tensor, t_patch: torch.Tensor, masks: torch.Tensor,
-                   tau: float) -> torch.Tensor:
+                   tau: torch.Tensor) -> torch.Tensor:
         """(M, K) student / teacher logits of the masked tokens, masks (2B, N) on the host."""
         return self.patch_criterion(s_patch, t_patch, masks, teacher_temp=tau)
 
@@ -249,6 +273,16 @@ class IBOT(Method):
 
     # ------------------------------------------------------------------------- contract
     def forward(self, views: list[torch.Tensor]) -> dict:
+        """`step_masks` on the host, then `masked_forward` (module doc)."""
+        masks, idx, host_stats = self.step_masks(views)
+        return {**self.masked_forward(views, masks, idx), **host_stats}
+
+    # the draw is Python by design (masking.py), which dynamo cannot trace (random.Random):
+    # a compiled forward runs this part eagerly and compiles the rest
+    @torch.compiler.disable
+    def step_masks(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(masks (2B, N) on the host, the flat indices (M,) of their masked tokens on the
+        views' device, {"masked_fraction", "masked_images", "uniform_loss"}): no device sync."""
         g = views[0]
         p = self.backbone.patch_size
         grid = (g.shape[-2] // p, g.shape[-1] // p)
@@ -256,9 +290,24 @@ class IBOT(Method):
         n_masked = int(masks.sum())  # a host tensor: no device sync
         n_images = int(masks.any(1).sum())  # images with a masked token (the rest add 0)
         idx = self._masked_index(masks, g.device)
+        # M changes every step: a compiled masked_forward traces it as a symbol from the
+        # first call on (without this, the second step's M recompiles once); eager: a no-op
+        torch._dynamo.maybe_mark_dynamic(idx, 0)
+        # the loss of uniform outputs (collapse): the unmasked images add 0 to the patch loss
+        uniform = (self.cls_weight * math.log(self.criterion.out_dim) + self.patch_weight
+                   * n_images / len(masks) * math.log(self.patch_criterion.out_dim))
+        return masks, idx, {"masked_fraction": n_masked / masks.numel(),
+                            "masked_images": n_images / len(masks), "uniform_loss": uniform}
+
+    def masked_forward(self, views: list[torch.Tensor], masks: torch.Tensor, idx: torch.Tensor
+                       ) -> dict:
+        """The loss and its device statistics for this step's masks (2B, N) and the flat
+        indices idx (M,) of their masked tokens: no host read and no Python number that
+        changes per step, so torch.compile(fullgraph=True) of it traces one graph for the run.
+        """
         s = self.student(views, masks, idx)
         t = self.teacher(views, idx)
-        tau_cls, tau_patch = self.teacher_temps_at(self._current_step())
+        tau_cls, tau_patch = self.teacher_temps_now()
         cls_loss = self.cls_loss(s["cls"], t["cls"], tau_cls)
         # called even with no masked token (M = 0 gives 0): every rank joins the loss's
         # center all-reduce, and the patch head stays in the graph for DDP
@@ -269,17 +318,11 @@ class IBOT(Method):
         for v in extra.values():
             loss = loss + v
         stats = self.criterion.last_stats
-        # the loss of uniform outputs (collapse): the unmasked images add 0 to the patch loss
-        uniform = (self.cls_weight * math.log(self.criterion.out_dim) + self.patch_weight
-                   * n_images / len(masks) * math.log(self.patch_criterion.out_dim))
         return {"loss": loss, "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach(),
                 **{k: v.detach() for k, v in extra.items()},
                 "teacher_entropy": stats["teacher_entropy"], "kl": stats["kl"],
-                "teacher_patch_entropy": patch_entropy,
-                "masked_fraction": n_masked / masks.numel(),
-                "masked_images": n_images / len(masks), "teacher_temp": tau_cls,
-                "teacher_patch_temp": tau_patch, "momentum": self.momentum,
-                "uniform_loss": uniform}
+                "teacher_patch_entropy": patch_entropy, "teacher_temp": tau_cls,
+                "teacher_patch_temp": tau_patch, "momentum": self.momentum_now()}
 
     def param_groups(self, cfg) -> list[dict]:
         # Every head's last layer learns nothing useful before the rest settles: frozen for
