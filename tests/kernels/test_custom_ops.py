@@ -29,16 +29,14 @@ from selfsup.kernels import (
     nt_xent,
 )
 from selfsup.kernels import _info_nce_torch as inf_torch
-from selfsup.kernels._custom_op import scale_grad
 from selfsup.kernels import info_nce as inf
-from selfsup.kernels.testing import TOL64
+from selfsup.kernels._custom_op import scale_grad
+from selfsup.kernels.testing import TOL64, UPSTREAM, assert_all_close, loss_and_grads
 
 PATHS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float64]
-UPSTREAM = 1.7
 # the module, not the function `selfsup.kernels.dino_loss` that shadows it as an attribute
 dl = importlib.import_module("selfsup.kernels.dino_loss")
-TOL = {torch.float64: TOL64, torch.float32: dict(rtol=2e-5, atol=1e-6)}
 
 
 @pytest.fixture(autouse=True)
@@ -63,20 +61,6 @@ def _info_nce_inputs(kind, dtype, n=5, c=19, m=23):
 
 INFO_NCE = {"queue": (info_nce_queue, {}), "batch": (info_nce_batch, {"positive_offset": 7}),
             "nt_xent": (nt_xent, {})}
-
-
-def _loss_and_grads(fn, args, requires, *extra, **kw):
-    leaves = [a.detach().clone().requires_grad_(r) for a, r in zip(args, requires, strict=True)]
-    loss = fn(*leaves, *extra, **kw)
-    grads = torch.autograd.grad(loss, [x for x in leaves if x.requires_grad],
-                                grad_outputs=torch.full_like(loss, UPSTREAM))
-    return [loss.detach(), *grads]
-
-
-def _assert_all_close(got, want, dtype):
-    assert len(got) == len(want)
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m, i=i: f"output {i}: {m}")
 
 
 @pytest.fixture
@@ -162,9 +146,9 @@ def test_compiled_info_nce_matches_eager(seed, backend, kind, path, dtype):
     args, requires = _info_nce_inputs(kind, dtype)
     cfn, counter = _compiled(fn)
     for temperature in (0.04, torch.tensor(0.3, dtype=dtype)):
-        eager = _loss_and_grads(fn, args, requires, temperature, **kw)
-        got = _loss_and_grads(cfn, args, requires, temperature, **kw)
-        _assert_all_close(got, eager, dtype)
+        eager = loss_and_grads(fn, args, requires, temperature, **kw)
+        got = loss_and_grads(cfn, args, requires, temperature, **kw)
+        assert_all_close(got, eager, dtype)
     assert counter.frame_count >= 1 and counter.op_count >= 1
 
 
@@ -178,15 +162,15 @@ def test_compiled_info_nce_dynamic_shapes(seed, backend, path):
     frames = []
     for n, m in ((5, 23), (7, 31)):
         args, requires = _info_nce_inputs("queue", torch.float64, n=n, m=m)
-        got = _loss_and_grads(cfn, args, requires, 0.2)
-        _assert_all_close(got, _loss_and_grads(info_nce_queue_ref, args, requires, 0.2),
-                          torch.float64)
+        got = loss_and_grads(cfn, args, requires, 0.2)
+        assert_all_close(got, loss_and_grads(info_nce_queue_ref, args, requires, 0.2),
+                         torch.float64)
         frames.append(counter.frame_count)
     cfn, counter = _compiled(nt_xent, dynamic=True)
     for n in (5, 6):
         args, requires = _info_nce_inputs("nt_xent", torch.float64, n=n)
-        got = _loss_and_grads(cfn, args, requires, 0.1)
-        _assert_all_close(got, _loss_and_grads(nt_xent, args, requires, 0.1), torch.float64)
+        got = loss_and_grads(cfn, args, requires, 0.1)
+        assert_all_close(got, loss_and_grads(nt_xent, args, requires, 0.1), torch.float64)
         frames.append(counter.frame_count)
     assert frames[0] >= 1 and frames[1] == frames[0] and frames[2] >= 1 and frames[3] == frames[2]
 
@@ -200,18 +184,18 @@ def test_compiled_dino_matches_eager(seed, backend, path, dtype):
     cfn, counter = _compiled(dino_loss, dynamic=True)
     for tt in (0.04, torch.tensor(0.07, dtype=dtype)):
         kw = dict(teacher_temp=tt, student_temp=0.1)
-        eager = _loss_and_grads(dino_loss, (s, t, c), (True, False, False), **kw)
-        got = _loss_and_grads(cfn, (s, t, c), (True, False, False), **kw)
-        _assert_all_close(got, eager, dtype)
+        eager = loss_and_grads(dino_loss, (s, t, c), (True, False, False), **kw)
+        got = loss_and_grads(cfn, (s, t, c), (True, False, False), **kw)
+        assert_all_close(got, eager, dtype)
     if dtype == torch.float64:
-        ref = _loss_and_grads(dino_loss_ref, (s, t, c), (True, False, False), teacher_temp=0.04)
-        _assert_all_close(_loss_and_grads(cfn, (s, t, c), (True, False, False),
-                                          teacher_temp=0.04), ref, dtype)
+        ref = loss_and_grads(dino_loss_ref, (s, t, c), (True, False, False), teacher_temp=0.04)
+        assert_all_close(loss_and_grads(cfn, (s, t, c), (True, False, False),
+                                        teacher_temp=0.04), ref, dtype)
     # a schedule's next value as a tensor reuses the graph (a float would recompile)
     frames = counter.frame_count
     kw = dict(teacher_temp=torch.tensor(0.05, dtype=dtype))
-    _assert_all_close(_loss_and_grads(cfn, (s, t, c), (True, False, False), **kw),
-                      _loss_and_grads(dino_loss, (s, t, c), (True, False, False), **kw), dtype)
+    assert_all_close(loss_and_grads(cfn, (s, t, c), (True, False, False), **kw),
+                     loss_and_grads(dino_loss, (s, t, c), (True, False, False), **kw), dtype)
     assert frames >= 1 and counter.frame_count == frames
 
 
@@ -223,9 +207,9 @@ def test_compiled_dino_module_updates_its_center_like_eager(seed, backend, path)
     for _ in range(2):  # the second call sees the first one's center update
         s = torch.randn(4 * 3, 37, dtype=torch.float64)
         t = torch.randn(2 * 3, 37, dtype=torch.float64)
-        want = _loss_and_grads(eager, (s, t), (True, False))
-        got = _loss_and_grads(cmod, (s, t), (True, False))
-        _assert_all_close(got, want, torch.float64)
+        want = loss_and_grads(eager, (s, t), (True, False))
+        got = loss_and_grads(cmod, (s, t), (True, False))
+        assert_all_close(got, want, torch.float64)
         torch.testing.assert_close(compiled.center, eager.center, **TOL64)
         torch.testing.assert_close(compiled.last_stats["kl"], eager.last_stats["kl"], **TOL64)
 
@@ -238,14 +222,25 @@ def test_compiled_triton_path_still_launches_through_the_recorder(backend):
     args, requires = _info_nce_inputs("batch", torch.float32)
     cfn, _ = _compiled(info_nce_batch)
     with LaunchRecorder() as rec:
-        _loss_and_grads(cfn, args, requires, 0.2)
+        loss_and_grads(cfn, args, requires, 0.2)
     kernels = {x.kernel.rsplit(".", 1)[-1] for x in rec.launches}
     assert {"_info_nce_fwd_kernel", "_info_nce_merge_kernel", "_info_nce_dk_kernel"} <= kernels
     backend("torch")
     torch._dynamo.reset()
     with LaunchRecorder() as rec:
-        _loss_and_grads(_compiled(info_nce_batch)[0], args, requires, 0.2)
+        loss_and_grads(_compiled(info_nce_batch)[0], args, requires, 0.2)
     assert not rec.launches
+
+
+def test_assert_all_close_refuses_a_changed_dtype_count_or_value():
+    one = [torch.ones(3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)]
+    assert_all_close([t.clone() for t in one], one, torch.float64)
+    with pytest.raises(AssertionError):  # a gradient stored in another dtype
+        assert_all_close([one[0], one[1].float()], one, torch.float64)
+    with pytest.raises(AssertionError):  # an output missing
+        assert_all_close(one[:1], one, torch.float64)
+    with pytest.raises(AssertionError, match="output 1"):
+        assert_all_close([one[0], one[1] + 1e-6], one, torch.float64)
 
 
 def test_validation_errors_are_still_value_errors_when_compiled(backend):
@@ -269,8 +264,8 @@ def test_inductor_info_nce_matches_eager(seed, backend, no_compile_caches, fn, k
     backend("torch")
     args, requires = _info_nce_inputs(kind, torch.float32)
     cfn, counter = _compiled(fn, backend="inductor")
-    got = _loss_and_grads(cfn, args, requires, 0.1)
-    _assert_all_close(got, _loss_and_grads(fn, args, requires, 0.1), torch.float32)
+    got = loss_and_grads(cfn, args, requires, 0.1)
+    assert_all_close(got, loss_and_grads(fn, args, requires, 0.1), torch.float32)
     assert counter.frame_count == 1
 
 
@@ -278,9 +273,9 @@ def test_inductor_dino_matches_eager(seed, backend, no_compile_caches):
     backend("torch")
     s, t, c = torch.randn(4 * 3, 37), torch.randn(2 * 3, 37), torch.randn(37) * 0.3
     cfn, counter = _compiled(dino_loss, backend="inductor")
-    got = _loss_and_grads(cfn, (s, t, c), (True, False, False))
-    _assert_all_close(got, _loss_and_grads(dino_loss, (s, t, c), (True, False, False)),
-                      torch.float32)
+    got = loss_and_grads(cfn, (s, t, c), (True, False, False))
+    assert_all_close(got, loss_and_grads(dino_loss, (s, t, c), (True, False, False)),
+                     torch.float32)
     assert counter.frame_count == 1
 
 
@@ -316,7 +311,7 @@ def test_compiled_method_forward_matches_eager(seed, backend, path, name, extra)
     twin_params = [p for p in twin.parameters() if p.requires_grad]
     want = _method_loss_and_grads(lambda v: method(v)["loss"], params, views)
     got = _method_loss_and_grads(lambda v: cfwd(v)["loss"], twin_params, views)
-    _assert_all_close(got, want, torch.float64)
+    assert_all_close(got, want, torch.float64)
     assert counter.frame_count == 1
 
 
@@ -346,7 +341,7 @@ def test_compiled_dino_method_loss_matches_eager(seed, backend, path):
     want = _method_loss_and_grads(loss_fn(method), params, views, tau)
     got = _method_loss_and_grads(cf, [p for p in twin.parameters() if p.requires_grad], views,
                                  tau)
-    _assert_all_close(got, want, torch.float64)
+    assert_all_close(got, want, torch.float64)
     torch.testing.assert_close(twin.criterion.center, method.criterion.center, **TOL64)
     assert counter.frame_count >= 1
 
@@ -372,7 +367,8 @@ def test_compiled_under_bf16_autocast_matches_eager(seed, backend, path):
         out = []
         for f in (fn, cfn):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                leaves = [a.detach().clone().requires_grad_(r) for a, r in zip(args, requires)]
+                leaves = [a.detach().clone().requires_grad_(r)
+                          for a, r in zip(args, requires, strict=True)]
                 loss = f(*leaves)
             grads = torch.autograd.grad(loss * 65536.0, [x for x in leaves if x.requires_grad])
             out.append([loss.detach(), *grads])
@@ -404,7 +400,7 @@ def test_compiled_mae_method_forward_matches_eager(seed, backend, monkeypatch, p
     torch.set_rng_state(rng)
     got = _method_loss_and_grads(lambda v: cfwd(v)["loss"],
                                  [p for p in twin.parameters() if p.requires_grad], views)
-    _assert_all_close(got, want, torch.float64)
+    assert_all_close(got, want, torch.float64)
     assert counter.frame_count >= 1
 
 
@@ -464,8 +460,8 @@ def test_compiled_mae_ops_match_eager(seed, backend, path, dtype):
                                                                     dtype=out.dtype)).sum()
         cfn, counter = _compiled(summed, dynamic=True)
         requires = [True] * len(args)
-        _assert_all_close(_loss_and_grads(cfn, args, requires),
-                          _loss_and_grads(summed, args, requires), dtype)
+        assert_all_close(loss_and_grads(cfn, args, requires),
+                         loss_and_grads(summed, args, requires), dtype)
         assert counter.frame_count >= 1
 
 

@@ -19,14 +19,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from selfsup.kernels import _gram_torch, barlow_twins_loss, vicreg_loss
 from selfsup.kernels.swav import sinkhorn_knopp, sinkhorn_knopp_ref, swav_loss
-from selfsup.kernels.testing import TOL64
+from selfsup.kernels.testing import TOL64, UPSTREAM, assert_all_close, loss_and_grads
 
 bt = importlib.import_module("selfsup.kernels.barlow_twins")
 vr = importlib.import_module("selfsup.kernels.vicreg")
 
-UPSTREAM = 1.7
 DTYPES = [torch.float32, torch.float64]
-TOL = {torch.float64: TOL64, torch.float32: dict(rtol=2e-5, atol=1e-6)}
 PAIRS = {"barlow": (barlow_twins_loss, dict(lambd=0.3)),
          "vicreg": (vicreg_loss, dict(sim=2.0, var=3.0, cov=4.0))}
 SHAPES = [(9, 23), (13, 5)]  # Gram route (2N <= D), direct route (2N > D), odd sizes
@@ -53,21 +51,6 @@ def _views(n, d, dtype):
     z1 = base + torch.randn(n, d, dtype=torch.float64) * 0.4
     z2 = 0.6 * base + torch.randn(n, d, dtype=torch.float64) * 0.8 - 0.2
     return z1.to(dtype), z2.to(dtype)
-
-
-def _loss_and_grads(fn, args, requires, *extra, **kw):
-    leaves = [a.detach().clone().requires_grad_(r) for a, r in zip(args, requires, strict=True)]
-    loss = fn(*leaves, *extra, **kw)
-    grads = torch.autograd.grad(loss, [x for x in leaves if x.requires_grad],
-                                grad_outputs=torch.full_like(loss, UPSTREAM))
-    return [loss.detach(), *grads]
-
-
-def _assert_all_close(got, want, dtype):
-    assert len(got) == len(want)
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        assert a.dtype == b.dtype, (i, a.dtype, b.dtype)
-        torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m, i=i: f"output {i}: {m}")
 
 
 # ----------------------------------------------------------------------------- opcheck
@@ -143,12 +126,12 @@ def test_compiled_pair_loss_matches_eager(seed, backend, name, n, d, dtype):
     fn, kw = PAIRS[name]
     args = _views(n, d, dtype)
     cfn, counter = _compiled(fn)
-    got = _loss_and_grads(cfn, args, (True, True), **kw)
-    _assert_all_close(got, _loss_and_grads(fn, args, (True, True), **kw), dtype)
+    got = loss_and_grads(cfn, args, (True, True), **kw)
+    assert_all_close(got, loss_and_grads(fn, args, (True, True), **kw), dtype)
     assert counter.frame_count == 1 and counter.op_count >= 1
     if dtype == torch.float64:  # and the paper's formula, through the compiled op
         ref = bt.barlow_twins_loss_ref if name == "barlow" else vr.vicreg_loss_ref
-        _assert_all_close(got, _loss_and_grads(ref, args, (True, True), **kw), dtype)
+        assert_all_close(got, loss_and_grads(ref, args, (True, True), **kw), dtype)
 
 
 def test_compiled_pair_losses_dynamic_shapes(seed, backend):
@@ -159,8 +142,8 @@ def test_compiled_pair_losses_dynamic_shapes(seed, backend):
         frames = []
         for n in (9, 11):
             args = _views(n, 23, torch.float64)
-            _assert_all_close(_loss_and_grads(cfn, args, (True, True), **kw),
-                              _loss_and_grads(fn, args, (True, True), **kw), torch.float64)
+            assert_all_close(loss_and_grads(cfn, args, (True, True), **kw),
+                             loss_and_grads(fn, args, (True, True), **kw), torch.float64)
             frames.append(counter.frame_count)
         assert frames[0] >= 1 and frames[1] == frames[0], (name, frames)
 
@@ -208,9 +191,9 @@ def test_inductor_barlow_twins_matches_eager(seed, backend):
     with (inductor_config.patch(fx_graph_cache=False),
           functorch_config.patch(enable_autograd_cache=False)):
         cfn, counter = _compiled(barlow_twins_loss, backend="inductor")
-        got = _loss_and_grads(cfn, args, (True, True), lambd=0.3)
-    _assert_all_close(got, _loss_and_grads(barlow_twins_loss, args, (True, True), lambd=0.3),
-                      torch.float32)
+        got = loss_and_grads(cfn, args, (True, True), lambd=0.3)
+    assert_all_close(got, loss_and_grads(barlow_twins_loss, args, (True, True), lambd=0.3),
+                     torch.float32)
     assert counter.frame_count == 1
 
 
@@ -227,9 +210,9 @@ def test_compiled_sinkhorn_matches_eager(seed, dtype):
     cfn, counter = _compiled(sinkhorn_knopp)
     for eps, iters in ((0.05, 3), (0.04, 1)):
         got = cfn(s, eps, iters)
-        _assert_all_close([got], [sinkhorn_knopp(s, eps, iters)], dtype)
+        assert_all_close([got], [sinkhorn_knopp(s, eps, iters)], dtype)
         if dtype == torch.float64:
-            _assert_all_close([got], [sinkhorn_knopp_ref(s, eps, iters)], dtype)
+            assert_all_close([got], [sinkhorn_knopp_ref(s, eps, iters)], dtype)
     assert counter.frame_count >= 1
 
 
@@ -240,9 +223,9 @@ def test_compiled_swav_loss_matches_eager(seed, dtype):
     codes = torch.stack([sinkhorn_knopp(scores[a * b:(a + 1) * b]) for a in range(2)])
     cfn, counter = _compiled(swav_loss)
     for t in (0.1, 0.04):
-        got = _loss_and_grads(cfn, (scores, codes), (True, False), n_views, t)
-        _assert_all_close(got, _loss_and_grads(swav_loss, (scores, codes), (True, False),
-                                               n_views, t), dtype)
+        got = loss_and_grads(cfn, (scores, codes), (True, False), n_views, t)
+        assert_all_close(got, loss_and_grads(swav_loss, (scores, codes), (True, False),
+                                             n_views, t), dtype)
     assert counter.frame_count >= 1
 
 
@@ -279,7 +262,7 @@ def test_compiled_method_forward_matches_eager(seed, backend, name, extra):
     want = [loss.detach(), *torch.autograd.grad(loss * UPSTREAM, params)]
     loss = cfwd(views)["loss"]
     got = [loss.detach(), *torch.autograd.grad(loss * UPSTREAM, twin_params)]
-    _assert_all_close(got, want, torch.float64)
+    assert_all_close(got, want, torch.float64)
     assert counter.frame_count == 1
 
 
@@ -296,7 +279,7 @@ def _compiled_rank_main(rank: int, init_file: str, out_dir: str) -> None:
         out = {}
         for name, (fn, kw) in PAIRS.items():
             cfn, counter = _compiled(fn)
-            res = [_loss_and_grads(f, (z1[rows], z2[rows]), (True, True), **kw)
+            res = [loss_and_grads(f, (z1[rows], z2[rows]), (True, True), **kw)
                    for f in (fn, cfn)]
             out[name] = (res, counter.frame_count)
         torch.save(out, f"{out_dir}/rank{rank}.pt")
@@ -318,4 +301,4 @@ def test_compiled_pair_losses_on_two_ranks_match_eager(tmp_path, monkeypatch):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, ((eager, compiled), frames) in out.items():
             assert frames == 1, (rank, name)
-            _assert_all_close(compiled, eager, torch.float64)
+            assert_all_close(compiled, eager, torch.float64)
