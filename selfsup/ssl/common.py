@@ -1,7 +1,8 @@
 """What every method shares: the contract base class and a few functions.
 
 The contract (ARCHITECTURE.md): ``recipe`` (data recipe name), ``preset(arch)`` (paper
-defaults merged into Config), ``forward(views) -> {"loss", **logs}``, ``param_groups(cfg)``,
+defaults merged into Config), ``small_preset(arch)`` (its overrides for images <= 64 px,
+docs/presets.md), ``forward(views) -> {"loss", **logs}``, ``param_groups(cfg)``,
 ``on_step_end(step, total_steps)`` and ``encoder()``. One level of subclassing at most.
 """
 
