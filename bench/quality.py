@@ -251,15 +251,15 @@ def cpu_seconds() -> float:
 
 
 def run_one(method: str, scale: float, out_root: Path) -> dict:
-    from selfsup.engine.config import build_parser, resolve
-    from selfsup.engine.trainer import method_class, train
+    from selfsup.engine.config import build_parser, resolve_method
+    from selfsup.engine.trainer import train
 
     steps, flags = RECIPES[method]
     steps = max(2, round(steps * scale))
     argv = ["--method", method, *COMMON, *flags, "--steps", str(steps),
             "--out", str(out_root / method)]
     args = vars(build_parser().parse_args(argv))
-    cfg = resolve(args, method_class(method).preset)
+    cfg = resolve_method(args)  # as train.py: the preset chosen from --data unless --preset
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     summary = train(cfg)
     cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
