@@ -12,6 +12,9 @@ still a 28-px garment).
 config.resolve applies defaults < Method.preset(arch) < Method.small_preset(arch) (when
 small) < the command line; resolve_method / resolve_cli (config.py) are the one way to do
 all of it, used by train.py and by every test that checks what train.py would run.
+
+Under the small preset, cap_warmups (called by the trainer once the schedule's length in steps
+is known) caps each warm-up the command line did not give to 10% of the schedule.
 """
 
 from __future__ import annotations
@@ -63,6 +66,57 @@ def _longer_side(path: Path) -> int | None:
             return max(im.size)
     except Exception:  # noqa: BLE001 - Pillow raises many types on garbage
         return None
+
+
+# ----------------------------------------------------------------------------- warm-up caps
+# The small preset keeps the ImageNet preset's warm-ups, which are sized in epochs for runs of
+# 100-1000 epochs (the papers warm up over 1-5% of a run). A Fashion-MNIST run of 5000 steps is
+# ~11 epochs at batch 128, so 10 warm-up epochs would be almost all of it. Under the small
+# preset, each warm-up the command line did not give is capped to WARMUP_CAP of the schedule.
+# The ImageNet presets are left alone: at their own length they are the papers' (MoCo v3 ViT
+# warms up 40 of 300 epochs, DINOv2 80 of 500, DINO's teacher 30 of 100, all above the cap), and
+# the recorded quality rows ran on them.
+WARMUP_CAP = 0.1  # the largest share of the schedule a preset's warm-up may take
+# field -> what the printed line calls it. Each is a stretch at the start of the run measured
+# in epochs whose length is about stability, not about the schedule's end state:
+CAPPED = {
+    "warmup_epochs": "warm-up",  # linear lr warm-up (every method)
+    # DINO / iBOT / DINOv2: the teacher temperature rises 0.04 -> 0.07; reached sooner, same end
+    "warmup_teacher_temp_epochs": "teacher-temperature warm-up",
+    # DINO / iBOT / DINOv2 / SwAV: the head's last layer gets no gradient meanwhile, so a
+    # freeze over 10% of a short run is learning lost
+    "freeze_last_layer_epochs": "last-layer freeze",
+    # SwAV: no queue in the codes before it; the small preset's 50 epochs (solo-learn, of
+    # 1000) would mean a queue never used in a run of 11
+    "queue_start_epochs": "queue start",
+}
+
+
+def cap_warmups(cfg) -> list[str]:
+    """Cap, in place, the preset-given warm-ups of a small-preset config to WARMUP_CAP of its
+    schedule (cfg.extra's steps_per_epoch and schedule_steps, set by the trainer before the
+    method is built); returns one line per cap for the run to print, and records each in
+    cfg.extra["warmup_caps"] (field -> [preset value, capped value], both in epochs). A flag
+    the command line gave (cfg.extra["cli_keys"]) is never changed, and nothing changes under
+    the ImageNet preset or for a config built without one."""
+    if cfg.preset != "small":
+        return []
+    given = set(cfg.extra.get("cli_keys", ()))
+    schedule = cfg.extra["schedule_steps"] / cfg.extra["steps_per_epoch"]  # in epochs
+    cap = WARMUP_CAP * schedule
+    lines, caps = [], {}
+    for name, what in CAPPED.items():
+        value = getattr(cfg, name)
+        if name in given or value is None or value <= cap:
+            continue
+        setattr(cfg, name, cap)
+        caps[name] = [value, cap]
+        lines.append(f"{what}: {value:g} epochs of the preset capped to {cap:.3g} "
+                     f"({WARMUP_CAP:.0%} of {schedule:.3g} epochs); give "
+                     f"--{name.replace('_', '-')} to override")
+    if caps:
+        cfg.extra["warmup_caps"] = caps
+    return lines
 
 
 def check_preset(name) -> None:

@@ -34,8 +34,9 @@ from .monitors import (
     knn_accuracy,
 )
 from .optim import build_optimizer, clip_per_param_
-from .presets import describe as describe_preset
 from .prefetch import DevicePrefetcher
+from .presets import cap_warmups
+from .presets import describe as describe_preset
 from .runlog import Progress, RunLogger
 from .step import NonFiniteWatch, forward_backward, read_scalars
 
@@ -185,6 +186,11 @@ def train(cfg: Config) -> dict:
     total = min(cfg.steps, schedule_steps) if cfg.steps else schedule_steps
     cfg.extra.update(steps_per_epoch=steps_per_epoch, schedule_steps=schedule_steps,
                      world_size=world)
+    # the small preset's warm-ups capped to a share of this schedule (presets.py), before the
+    # method reads them and config.json records them
+    for line in cap_warmups(cfg):
+        if main:
+            print(line, flush=True)
 
     # ---------------------------------------------------------------- model + optimizer
     method = cls(cfg).to(device)
