@@ -404,9 +404,7 @@ def test_every_recorded_row_is_pinned_or_new():
 def test_recorded_rows_pin_the_behaviour_they_ran(row):
     """The rows were measured before issue 25's presets: their commands must still run the
     old recipe, optimizer groups, init and clipping (numbers are never re-recorded)."""
-    argv = row["command"].split()[2:]
-    if "--preset" not in argv:  # recorded before --preset existed: on the ImageNet presets
-        argv += ["--preset", "imagenet"]
+    argv = _quality().as_recorded(row["command"].split()[2:])  # before --preset: imagenet
     cfg = resolve_cli(argv)
     assert cfg.preset == "imagenet"
     cls = method_class(cfg.method)

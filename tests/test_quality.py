@@ -33,12 +33,6 @@ def test_table_rejudges_recorded_rows():
     assert quality.table([row]).splitlines()[-1].endswith("| NO |")
 
 
-def as_recorded(argv: list[str]) -> list[str]:
-    """A recorded command's flags as they ran: the rows were measured before --preset existed,
-    on the ImageNet presets, so a command without --preset ran --preset imagenet (issue 26)."""
-    return argv if "--preset" in argv else [*argv, "--preset", "imagenet"]
-
-
 def resolved(argv: list[str]) -> dict:
     """The config train.py would run, but for the run folder, the logging cadence and the
     device (the demo leaves it on auto)."""
@@ -61,7 +55,7 @@ RECORDED = json.loads((ROOT / "bench" / "results" / "quality.json").read_text())
 @pytest.mark.parametrize("row", RECORDED, ids=[r["method"] for r in RECORDED])
 def test_each_recorded_row_ran_todays_recipe_and_meets_its_goal(row):
     # the README's table is generated from these rows: each must be what quality.py runs now
-    argv = as_recorded(row["command"].split()[2:])  # "python train.py ..."
+    argv = quality.as_recorded(row["command"].split()[2:])  # "python train.py ..."
     assert resolved(argv) == recipe_config(row["method"])
     # a row recorded as missing its goal (quality.UNMET, with its reason) must still miss it
     assert quality.row_ok(row) == (row["method"] not in quality.UNMET)

@@ -60,7 +60,7 @@ from .common import (
     momentum_at,
     split_decay,
 )
-from .dino import DINO
+from .dino import DINO, DINO_SMALL
 from .masking import BlockMasking, mask_rng
 
 
@@ -173,8 +173,6 @@ class IBOT(Method):
     def small_preset(cls, arch):
         # no CIFAR recipe in the paper: DINO's small preset (dino.DINO_SMALL: 2 locals of
         # 0.2-0.5, globals of 0.5-1, K 4096) with the patch head as wide as the shared one
-        from .dino import DINO_SMALL
-
         return dict(DINO_SMALL, patch_out_dim=DINO_SMALL["out_dim"])
 
     # ------------------------------------------------------------------------- hooks
