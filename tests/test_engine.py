@@ -227,3 +227,23 @@ def test_crop_scale_reaches_the_recipe_and_is_checked():
     with pytest.raises(ValueError, match="--crop-scale"):
         METHODS["simclr"].recipe_kwargs(cfg_for("simclr", "--crop-scale", "0.9", "0.2"))
     assert Config.from_dict(json.loads(json.dumps(byol.to_dict()))).crop_scale == (0.5, 1.0)
+
+
+def test_each_collapse_warning_names_what_to_change_with_real_flags():
+    # issue 26.2: a collapse names what to change; every flag it names must parse
+    import re
+
+    from selfsup.engine.config import build_parser
+    from selfsup.engine.monitors import ADVICE
+
+    mon = CollapseMonitor(patience=1)
+    with pytest.warns(RuntimeWarning):
+        texts = [mon.update(1, {"collapse_std": 1e-4, "collapse_dim": 128}),
+                 mon.update(2, {"teacher_entropy": 1e-5}),
+                 mon.update(3, {"loss": 1.0, "uniform_loss": 1.0})]
+    assert [t.endswith(ADVICE[k]) for t, k in zip(texts, ("point", "one_prototype", "uniform"),
+                                                    strict=True)] == [True] * 3
+    options = {o for a in build_parser()._actions for o in a.option_strings}
+    for text in ADVICE.values():
+        flags = re.findall(r"--[a-z][a-z-]+", text)
+        assert flags and set(flags) <= options, flags

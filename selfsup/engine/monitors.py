@@ -95,6 +95,20 @@ def knn_accuracy(encoder: nn.Module, train_loader, test_loader, device: torch.de
 
 
 # ----------------------------------------------------------------------------- collapse
+# What to change, per kind of collapse (each warning names it). A point: the update outran what
+# holds the representation apart (the predictor / EMA target, the negatives), so a smaller or
+# slower-starting lr, or a slower target. DINO's two failure modes (Caron et al. 2021, sec.
+# 5.3): one dimension dominating when centering is too weak for the sharpening, uniform
+# outputs when the sharpening is too weak for the centering.
+ADVICE = {
+    "point": "try a lower --blr (or --lr) or a longer --warmup-epochs; with a target "
+             "network (BYOL, MoCo v3) also a higher --ema-momentum",
+    "one_prototype": "try a higher --teacher-temp (less sharpening), a lower "
+                     "--center-momentum (faster centering) or --centering sinkhorn",
+    "uniform": "try a lower --teacher-temp (a sharper teacher) or a lower --blr (or --lr)",
+}
+
+
 class CollapseMonitor:
     """Warns loudly when the method's logs show a collapse.
 
@@ -114,16 +128,17 @@ class CollapseMonitor:
             floor = 0.1 / math.sqrt(logs["collapse_dim"])
             if logs["collapse_std"] < floor:
                 msg = (f"output std {logs['collapse_std']:.2e} < 0.1/sqrt(d) = {floor:.2e}: "
-                       "the representation is collapsing to a point")
+                       "the representation is collapsing to a point; " + ADVICE["point"])
         if "teacher_entropy" in logs and logs["teacher_entropy"] < self.min_entropy:
             msg = (f"teacher entropy {logs['teacher_entropy']:.2e} ~ 0: one prototype "
-                   "dominates (collapse)")
+                   "dominates (collapse); " + ADVICE["one_prototype"])
         if "uniform_loss" in logs and "loss" in logs:
             near = abs(logs["loss"] - logs["uniform_loss"]) < 1e-3 * logs["uniform_loss"]
             self.at_uniform = self.at_uniform + 1 if near else 0
             if self.at_uniform >= self.patience:
                 msg = (f"loss has sat at ln K = {logs['uniform_loss']:.3f} for "
-                       f"{self.at_uniform} logs: uniform outputs (collapse)")
+                       f"{self.at_uniform} logs: uniform outputs (collapse); "
+                       + ADVICE["uniform"])
         if msg:
             text = f"COLLAPSE WARNING at step {step}: {msg}"
             self.warnings.append(text)
