@@ -249,7 +249,9 @@ def resolve(cli: dict, preset_fn: typing.Callable[[str | None], dict] | None = N
         arch = cli.get("arch")
         _merge(cfg, preset_fn(arch), "method preset")
         if name == "small":
-            _merge(cfg, {**presets.SMALL_COMMON, **small_preset_fn(arch)},
+            small = small_preset_fn(arch)  # the arch the run will have decides the stem
+            final_arch = cli.get("arch") or small.get("arch") or cfg["arch"]
+            _merge(cfg, {**presets.small_common(final_arch, image_px), **small},
                    "method small preset")
     cfg.update(cli)
     cfg["preset"] = name

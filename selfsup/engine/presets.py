@@ -27,10 +27,34 @@ SMALL_MAX_PX = 64  # the longer side at or below which images are "small"
 SAMPLE_FILES = 64  # image headers read to size a folder
 BUILTIN_PX = {"fashion-mnist": 28, "fashion_mnist": 28, "fmnist": 28,
               "fashion-mnist-sample": 28, "mnist": 28}
-# What the small preset changes whatever the method: the images are resized to 32 px (the
-# loader's default for arrays of <= 64 px; a folder would otherwise be resized to 224, 50x the
-# pixels, and lose the CIFAR stem / patch 4 that build_encoder gives images <= 64 px).
-SMALL_COMMON = {"img_size": 32}
+# What the small preset changes whatever the method, all of it about the images' size and the
+# backbone, none of it about one dataset (small_common below).
+SMALL_DEFAULT_PX = 32  # the training size when the images' own size is not known
+CPU_RESNETS = ("resnet_tiny",)  # the ResNets sized for a CPU (selfsup.models.resnet)
+
+
+def small_common(arch: str | None, px: int | None) -> dict:
+    """The small preset's method-independent part for --arch `arch` on images of `px` pixels.
+
+    - img_size: the images' own size (28 for Fashion-MNIST, 32 for CIFAR, 64 for STL at 64),
+      SMALL_DEFAULT_PX when it is not known. Upsampling 28 to 32 px adds 31% of the pixels
+      and no detail; a folder would otherwise be resized to 224, 50x the pixels, and lose the
+      CIFAR stem / patch 4 that build_encoder gives images <= 64 px.
+    - For the CPU ResNet (resnet_tiny): its ImageNet stem (7x7/2 conv + 3x3/2 max-pool), not
+      the CIFAR stem that ResNet-18/50 get below 64 px as in the papers' CIFAR recipes. On
+      28-px images the CIFAR stem runs layer1 at 28x28 instead of 7x7: 8.2x the CPU time per
+      image (fwd+bwd at batch 128 on one Zen 4 core in bf16: 493 against 4035 img/s), so a
+      10-minute run sees ~1 epoch instead of ~10, and short runs are bound by their steps
+      (docs/presets.md has the measurement). --cifar-stem gives it back.
+    - NHWC (channels_last) for every ResNet: oneDNN's and cuDNN's fast convolution layout,
+      the same numbers.
+    """
+    out = {"img_size": px if px and px <= SMALL_MAX_PX else SMALL_DEFAULT_PX}
+    if arch and not arch.startswith("vit"):
+        out["channels_last"] = True
+    if arch in CPU_RESNETS:
+        out["cifar_stem"] = False
+    return out
 
 
 def image_px(data: str, *, sample: int = SAMPLE_FILES) -> int | None:

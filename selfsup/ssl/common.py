@@ -72,6 +72,23 @@ class Method(nn.Module):
 # - batch 128: the lr still follows --blr x batch / 256; on small images a run is step-bound
 #   and batches of 64-128 gained more per CPU minute than 256 (docs/quality.md)
 SMALL_IMAGES = dict(blur=False, crop_scale=(0.3, 1.0), batch_size=128)
+# Zero-init residuals: SimSiam's and MoCo v3's ImageNet presets zero the last BN of every
+# residual block (the official code's zero-init-residual, Goyal et al.'s large-batch ImageNet
+# trick); their small presets do not. At batch 64-128 nothing needs it, and it leaves the
+# random-init ResNet a stack of near-identity blocks whose k-NN on Fashion-MNIST is 27%
+# against 77% without, so it is no random-init baseline to beat; SimSiam's trained k-NN was
+# 80.6% with it against 82.8% for the recorded row without (docs/quality.md).
+
+
+def cpu_heads(arch: str | None, paper: dict | None = None, **cpu) -> dict:
+    """The head widths `paper` (a dict of config fields), with `cpu` over them on the CPU
+    ResNet (presets.CPU_RESNETS; arch None is the Config default, resnet_tiny). The papers'
+    2048-4096-wide MLP heads are sized for ResNet-18/50 features of 512-2048; on resnet_tiny's
+    256 they are ~40% of a step's CPU time (BYOL at 4096: 847 img/s, at 1024: 1205), time a
+    short run needs for steps (docs/presets.md)."""
+    from ..engine.presets import CPU_RESNETS
+
+    return {**(paper or {}), **(cpu if arch in CPU_RESNETS or arch is None else {})}
 
 
 # ----------------------------------------------------------------------------- building
