@@ -76,9 +76,13 @@ class SimCLR(Method):
 
     @classmethod
     def small_preset(cls, arch):
-        # the paper's CIFAR-10 recipe (Chen et al. 2020, appendix B.9): T 0.5, colour
-        # distortion of strength 0.5, no blur; LARS and wd 1e-6 as the ImageNet preset
-        return dict(SMALL_IMAGES, temperature=0.5, jitter_strength=0.5)
+        # the paper's CIFAR-10 recipe (Chen et al. 2020, appendix B.9): colour distortion of
+        # strength 0.5, no blur. Its T 0.5 and LARS are for 500-1000 epochs; in runs of ~10
+        # (docs/presets.md) T 0.1 (the paper's ImageNet value) and AdamW at lr 1e-3 x B / 128
+        # learned faster on Fashion-MNIST: +5.2 k-NN points in 5500 steps (7.8 CPU min), where
+        # the paper's CIFAR settings gave +1.7 in 3500 (4.9 CPU min)
+        return dict(SMALL_IMAGES, temperature=0.1, jitter_strength=0.5, optimizer="adamw",
+                    lr_scaling="linear", blr=2e-3, wd=1e-4)
 
     @classmethod
     def recipe_kwargs(cls, cfg) -> dict:

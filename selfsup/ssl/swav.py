@@ -30,7 +30,7 @@ from torch import nn
 from .. import dist
 from ..kernels.swav import sinkhorn_knopp, swav_loss
 from ..models.heads import MLP
-from .common import SMALL_IMAGES, Method, build_encoder, multicrop_forward, split_decay
+from .common import SMALL_IMAGES, Method, build_encoder, cpu_heads, multicrop_forward, split_decay
 
 N_ASSIGN = 2  # the codes are computed for the 2 global views (crops_for_assign 0 1)
 
@@ -106,9 +106,15 @@ class SwAV(Method):
         # 32 px without multi-crop (at 28-32 px the paper's 16-px locals of 0.05-0.14 are
         # 6-10 px; on Fashion-MNIST they cost more than they gave, docs/quality.md), LARS at
         # lr 0.6 x B / 256, wd 1e-6, K 3000, queue 3840 from epoch 50, prototypes frozen for
-        # 2 epochs, T 0.1
-        return dict(SMALL_IMAGES, n_local=0, blr=0.6, queue_start_epochs=50,
-                    freeze_last_layer_epochs=2)
+        # 2 epochs, T 0.1. For runs of ~10 epochs: LARS at blr 4 as Barlow Twins' (its lr is
+        # for 1000 epochs), K = 300 prototypes (the paper's 3000 are for ImageNet's 1000
+        # classes; small-image sets have 10-100) with a 1024-row queue (> K / batch rows of
+        # codes per step), crops of 0.5-1 and on the CPU ResNet a 1024-wide projector: the
+        # Fashion-MNIST row's settings (docs/quality.md)
+        return dict(SMALL_IMAGES, n_local=0, blr=4.0, crop_scale=(0.5, 1.0), out_dim=300,
+                    queue_size=1024,
+                    queue_start_epochs=50, freeze_last_layer_epochs=2,
+                    **cpu_heads(arch, proj_hidden=1024))
 
     @staticmethod
     def _forget_counters(module, incompatible_keys) -> None:
