@@ -395,12 +395,16 @@ OLD_RECIPES = {"mocov1": "mocov1", "mocov2": "mocov2", "mocov3": "mocov2", "sims
 NEW_ROWS = {"ibot", "dinov2"}
 
 
+PINNED = [r for r in RECORDED if r["method"] in OLD_RECIPES and r.get("preset") != "small"]
+
+
 def test_every_recorded_row_is_pinned_or_new():
-    assert {r["method"] for r in RECORDED} <= set(OLD_RECIPES) | NEW_ROWS
+    # issue 26: a row re-measured on the small preset runs today's preset, nothing to pin
+    short = {r["method"] for r in RECORDED if r.get("preset") == "small"}
+    assert {r["method"] for r in RECORDED} <= set(OLD_RECIPES) | NEW_ROWS | short
 
 
-@pytest.mark.parametrize("row", [r for r in RECORDED if r["method"] in OLD_RECIPES],
-                         ids=[r["method"] for r in RECORDED if r["method"] in OLD_RECIPES])
+@pytest.mark.parametrize("row", PINNED, ids=[r["method"] for r in PINNED])
 def test_recorded_rows_pin_the_behaviour_they_ran(row):
     """The rows were measured before issue 25's presets: their commands must still run the
     old recipe, optimizer groups, init and clipping (numbers are never re-recorded)."""
