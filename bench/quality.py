@@ -427,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             row = run_one(m, scale, Path(a.out) / f"seed{seed}-x{scale:g}", seed)
             print(json.dumps(row), flush=True)
             done = [r for r in done if (r["method"], r["seed"], r["scale"]) != (m, seed, scale)]
-            path.write_text(json.dumps(done + [row], indent=1) + "\n")  # after every run
+            done.append(row)
+            path.write_text(json.dumps(done, indent=1) + "\n")  # after every run
         print(robustness_table(_load(Path(a.json)), done))
         return 0
     rows = []
